@@ -1,0 +1,121 @@
+"""Datasets of chapter 5.3: PretrainDataset (plain text) and SFTDataset (chats).
+
+Each item is (X, Y, loss_mask) of length max_length: X the input tokens, Y the same
+sequence shifted by one (the next token to predict), loss_mask 1 where Y is trained on.
+Y holds IGNORE_INDEX wherever loss_mask is 0, so the model's loss skips those positions.
+Lines are located by byte offset when the dataset is built and read on demand, so a
+corpus larger than memory works.
+"""
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from jsonl import iter_jsonl, read_line_at
+from k_model import IGNORE_INDEX
+
+ROLES = ("system", "user", "assistant")
+
+
+def parse_pretrain_record(record) -> None:
+    text = record["text"]
+    if not isinstance(text, str):
+        raise TypeError("'text' is not a string")
+    if not text.strip():
+        raise ValueError("empty text")
+
+
+def parse_chat_record(record) -> None:
+    if not isinstance(record, list) or not record:
+        raise TypeError("expected a non-empty list of messages")
+    for message in record:
+        if message["role"] not in ROLES:
+            raise ValueError(f"unknown role {message['role']!r}")
+        if not isinstance(message["content"], str):
+            raise TypeError("'content' is not a string")
+    if not any(m["role"] == "assistant" for m in record):
+        raise ValueError("no assistant message")
+
+
+class JsonlDataset(Dataset):
+    """Indexes the usable lines of a jsonl file by byte offset; reads one line per item."""
+
+    def __init__(self, data_path, tokenizer, max_length, parse):
+        super().__init__()
+        self.data_path = data_path
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.padding = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.offsets = np.fromiter((offset for offset, _ in iter_jsonl(data_path, parse)), dtype=np.int64)
+        self._file, self._file_pid = None, None
+
+    def __len__(self):
+        return len(self.offsets)
+
+    def read(self, index: int):
+        if self._file_pid != os.getpid():  # one handle per DataLoader worker process
+            self._file, self._file_pid = open(self.data_path, "rb"), os.getpid()
+        return read_line_at(self._file, int(self.offsets[index]))
+
+    def to_example(self, input_id, loss_mask):
+        """Truncate to max_length + 1, pad, shift by one: (X, Y, loss_mask) of length max_length."""
+        input_id = input_id[: self.max_length + 1]
+        loss_mask = loss_mask[: self.max_length + 1]
+        padding_len = self.max_length + 1 - len(input_id)
+        input_id = np.array(input_id + [self.padding] * padding_len, dtype=np.int64)
+        loss_mask = np.array(loss_mask + [0] * padding_len, dtype=np.int64)
+        X = input_id[:-1]
+        loss_mask = loss_mask[1:]  # a mask entry belongs to the token being predicted
+        Y = np.where(loss_mask == 1, input_id[1:], IGNORE_INDEX)
+        return torch.from_numpy(X), torch.from_numpy(Y), torch.from_numpy(loss_mask)
+
+
+class PretrainDataset(JsonlDataset):
+    """{"text": ...} lines -> <s> text </s>, loss on every real token."""
+
+    def __init__(self, data_path, tokenizer, max_length=512):
+        super().__init__(data_path, tokenizer, max_length, parse_pretrain_record)
+
+    def __getitem__(self, index: int):
+        sample = self.read(index)
+        # </s> closes every document, so the model learns where a text ends (the chapter has no end token)
+        input_id = ([self.tokenizer.bos_token_id]
+                    + self.tokenizer(sample["text"], add_special_tokens=False)["input_ids"]
+                    + [self.tokenizer.eos_token_id])
+        return self.to_example(input_id, [1] * len(input_id))
+
+
+class SFTDataset(JsonlDataset):
+    """One chat per line -> ChatML text, loss only on the assistant's answers and their <|im_end|>."""
+
+    def __init__(self, data_path, tokenizer, max_length=512):
+        super().__init__(data_path, tokenizer, max_length, parse_chat_record)
+        # "<|im_start|>assistant\n" as the tokenizer encodes it at the start of every answer; the
+        # chapter looked for a single "assistant" token and a raw "\n", which byte-level BPE never yields
+        self.assistant_header = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+        self.assistant_end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def __getitem__(self, index: int):
+        sample = self.read(index)
+        text = self.tokenizer.apply_chat_template(sample, tokenize=False, add_generation_prompt=False)
+        input_id = self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.max_length + 1]
+        return self.to_example(input_id, self.generate_loss_mask(input_id))
+
+    def generate_loss_mask(self, input_ids):
+        """1 on every assistant answer token and its closing <|im_end|>, 0 elsewhere."""
+        mask = [0] * len(input_ids)
+        header, n = self.assistant_header, len(input_ids)
+        i = 0
+        while i < n:
+            if input_ids[i:i + len(header)] == header:
+                start = i + len(header)
+                end = start
+                while end < n and input_ids[end] != self.assistant_end_id:
+                    end += 1
+                end = min(end + 1, n)  # include <|im_end|>: the model must learn to end its turn
+                mask[start:end] = [1] * (end - start)
+                i = end
+            else:
+                i += 1
+        return mask

@@ -1,0 +1,383 @@
+"""Pretraining (chapter 5.5.1): one process, or DistributedDataParallel under torchrun.
+
+    python code/ddp_pretrain.py --preset demo --data_path data/demo_pretrain.jsonl \
+        --val_data_path data/demo_pretrain_val.jsonl --out_dir output/pretrain
+    torchrun --nproc_per_node 4 code/ddp_pretrain.py --data_path data/pretrain.jsonl
+
+Each rank trains on its own shard of the data; gradients are averaged by DDP once per
+optimizer step (no_sync during accumulation); rank 0 alone logs and saves. The final model
+is a save_pretrained directory in --out_dir, with the tokenizer files beside it.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from jsonl import JsonlError
+
+# ---- hyperparameters: edit here; a preset overrides these, CLI flags override both ----
+DEFAULTS = dict(
+    data_path="data/pretrain.jsonl",
+    val_data_path=None,           # held-out jsonl for the validation loss (None = skip)
+    tokenizer_path="tokenizer_k",
+    out_dir="output/pretrain",
+    preset="chapter",
+    epochs=1,
+    max_steps=-1,                 # optimizer steps; > 0 overrides epochs
+    batch_size=32,                # sequences per micro-batch per process
+    accumulation_steps=8,         # micro-batches per optimizer step
+    learning_rate=2e-4,
+    min_lr_ratio=0.1,             # cosine decays to learning_rate * min_lr_ratio
+    warmup_iters=1000,
+    weight_decay=0.1,
+    grad_clip=1.0,
+    log_interval=100,
+    save_interval=1000,
+    eval_interval=1000,
+    eval_iters=100,               # validation batches per rank (-1 = the whole file)
+    seed=42,
+    device="auto",                # auto = cuda if available, else cpu
+    dtype="auto",                 # auto = bfloat16 on CUDA (float16 without bf16 support), float32 on CPU
+    num_workers=-1,               # DataLoader workers; -1 = 4 on CUDA, 0 on CPU
+    use_swanlab=False,
+    # model (the preset sets these)
+    dim=None, n_layers=None, n_heads=None, n_kv_heads=None, max_seq_len=None, dropout=0.0,
+)
+PRESETS = {
+    # the chapter's 215M model (5.6.2: dim=1024, n_layers=18), for GPUs
+    "chapter": dict(dim=1024, n_layers=18, n_heads=16, n_kv_heads=8, max_seq_len=512),
+    # 6M parameters, about 5 minutes on 2 CPU cores (People's Daily paragraphs average ~70 tokens)
+    "demo": dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, max_seq_len=128,
+                 batch_size=16, accumulation_steps=1, learning_rate=2e-3, warmup_iters=50,
+                 max_steps=600, log_interval=50, save_interval=200, eval_interval=200, eval_iters=25),
+}
+MODEL_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "dropout")
+
+
+def build_parser(description=__doc__) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name in ("data_path", "val_data_path", "tokenizer_path", "out_dir", "device", "dtype"):
+        p.add_argument(f"--{name}")
+    p.add_argument("--preset")
+    for name in ("epochs", "max_steps", "batch_size", "accumulation_steps", "warmup_iters", "log_interval",
+                 "save_interval", "eval_interval", "eval_iters", "seed", "num_workers",
+                 "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
+        p.add_argument(f"--{name}", type=int)
+    for name in ("learning_rate", "min_lr_ratio", "weight_decay", "grad_clip", "dropout"):
+        p.add_argument(f"--{name}", type=float)
+    p.add_argument("--use_swanlab", action="store_true", help="log to swanlab (mode from SWANLAB_MODE, default local)")
+    return p
+
+
+def parse_args(argv=None, parser=None, defaults=DEFAULTS, presets=PRESETS):
+    """defaults < preset < command line."""
+    parser = parser or build_parser()
+    parser.set_defaults(**defaults)
+    preset = parser.parse_known_args(argv)[0].preset
+    if preset:
+        if preset not in presets:
+            parser.error(f"unknown preset {preset!r}; choose from {', '.join(presets)}")
+        parser.set_defaults(**presets[preset])
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------- setup
+
+class Dist:
+    """Who this process is: rank, world size, device. One process without torchrun."""
+
+    def __init__(self, device: str):
+        self.ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        self.rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda") and self.ddp:
+            device = f"cuda:{self.local_rank}"  # one GPU per process, by its rank on this node
+            torch.cuda.set_device(device)
+        self.device = device
+        self.device_type = "cuda" if device.startswith("cuda") else "cpu"
+        if self.ddp:
+            dist.init_process_group(backend="nccl" if self.device_type == "cuda" else "gloo")
+        self.is_master = self.rank == 0
+
+    def print(self, *args, **kwargs):
+        if self.is_master:
+            print(*args, **kwargs, flush=True)
+
+    def all_reduce_sum(self, values):
+        """Sum a list of floats over all ranks (one small collective)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.ddp:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def close(self):
+        if self.ddp:
+            dist.destroy_process_group()
+
+
+def resolve_dtype(name: str, device_type: str) -> torch.dtype:
+    if name == "auto":
+        if device_type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+            "float32": torch.float32, "fp32": torch.float32}[name]
+
+
+def autocast(device_type: str, dtype: torch.dtype):
+    # the chapter's torch.cuda.amp.autocast() without a dtype silently meant float16
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def set_seed(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        raise FileNotFoundError(f"{path}: no tokenizer here (no tokenizer.json); run code/train_tokenizer.py first")
+    return AutoTokenizer.from_pretrained(path)
+
+
+def get_lr(it: int, total: int, args) -> float:
+    """Linear warmup to learning_rate, then cosine decay to learning_rate * min_lr_ratio."""
+    min_lr = args.learning_rate * args.min_lr_ratio
+    if it < args.warmup_iters:
+        return args.learning_rate * (it + 1) / args.warmup_iters
+    if it >= total:
+        return min_lr
+    progress = (it - args.warmup_iters) / max(1, total - args.warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.learning_rate - min_lr)
+
+
+def make_optimizer(model, args, device_type):
+    # no weight decay on norms (1-D weights), as in LLaMA / nanoGPT
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95),
+                             fused=device_type == "cuda")
+
+
+# ---------------------------------------------------------------- logging and saving
+
+class Logger:
+    """Rank 0 writes metrics.jsonl in out_dir (and swanlab if asked); other ranks stay silent."""
+
+    def __init__(self, args, ctx: Dist):
+        self.ctx, self.swanlab, self.file = ctx, None, None
+        if not ctx.is_master:
+            return
+        os.makedirs(args.out_dir, exist_ok=True)
+        self.file = open(os.path.join(args.out_dir, "metrics.jsonl"), "w", encoding="utf-8")
+        if args.use_swanlab:
+            import swanlab
+            swanlab.init(project="Tiny-K", name=os.path.basename(os.path.normpath(args.out_dir)),
+                         config=vars(args), mode=os.environ.get("SWANLAB_MODE", "local"),
+                         log_dir=os.path.join(args.out_dir, "swanlog"))
+            self.swanlab = swanlab
+
+    def log(self, metrics: dict, step: int):
+        if self.file is None:
+            return
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        if self.swanlab:
+            self.swanlab.log(metrics, step=step)
+
+    def close(self):
+        if self.file:
+            self.file.close()
+        if self.swanlab:
+            self.swanlab.finish()
+
+
+def save_model(model, args):
+    """save_pretrained into out_dir (rank 0 only), with the tokenizer files beside the weights."""
+    os.makedirs(args.out_dir, exist_ok=True)
+    model.save_pretrained(args.out_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        src = os.path.join(args.tokenizer_path, name)
+        if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(os.path.join(args.out_dir, name)):
+            shutil.copy(src, args.out_dir)
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ---------------------------------------------------------------- training
+
+@torch.no_grad()
+def evaluate(model, val_set, args, ctx: Dist, dtype) -> float:
+    """Token-weighted validation loss; each rank takes every world_size-th sample, sums reduce over ranks."""
+    model.eval()
+    shard = Subset(val_set, range(ctx.rank, len(val_set), ctx.world_size))
+    loader = DataLoader(shard, batch_size=args.batch_size, shuffle=False)
+    loss_sum, n_tokens = 0.0, 0.0
+    for i, (X, Y, loss_mask) in enumerate(loader):
+        if 0 <= args.eval_iters <= i:
+            break
+        X, Y = X.to(ctx.device), Y.to(ctx.device)
+        with autocast(ctx.device_type, dtype):
+            loss = model(X, Y).loss
+        n = loss_mask.sum().item()
+        loss_sum += loss.item() * n
+        n_tokens += n
+    model.train()
+    loss_sum, n_tokens = ctx.all_reduce_sum([loss_sum, n_tokens])
+    return loss_sum / max(n_tokens, 1.0)
+
+
+def train(args, model, train_set, val_set, ctx: Dist):
+    """The loop shared by pretraining and SFT: AdamW, cosine LR, accumulation, clipping, eval, save."""
+    dtype = resolve_dtype(args.dtype, ctx.device_type)
+    if ctx.device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    raw_model = model.to(ctx.device)
+    model = DistributedDataParallel(raw_model, device_ids=[ctx.local_rank] if ctx.device_type == "cuda" else None) \
+        if ctx.ddp else raw_model
+    optimizer = make_optimizer(raw_model, args, ctx.device_type)
+    # loss scaling is needed for float16 only; bfloat16 has float32's range
+    scaler = torch.amp.GradScaler(ctx.device_type, enabled=dtype == torch.float16)
+
+    sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=args.seed)
+    num_workers = args.num_workers if args.num_workers >= 0 else (4 if ctx.device_type == "cuda" else 0)
+    loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, num_workers=num_workers,
+                        pin_memory=ctx.device_type == "cuda", persistent_workers=num_workers > 0)
+    micro_per_epoch = len(loader)
+    steps_per_epoch = math.ceil(micro_per_epoch / args.accumulation_steps)
+    total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
+    n_params = sum(p.numel() for p in {id(p): p for p in raw_model.parameters()}.values())
+    ctx.print(f"{n_params / 1e6:.2f}M parameters | {len(train_set)} samples, {ctx.world_size} process(es), "
+              f"{steps_per_epoch} steps/epoch, {total_steps} steps | device {ctx.device}, {dtype}")
+
+    logger = Logger(args, ctx)
+    step, epoch = 0, 0
+    loss_accum = torch.zeros((), device=ctx.device)
+    tokens_accum = torch.zeros((), device=ctx.device)
+    steps_since_log, t_log, t_start = 0, time.time(), time.time()
+    while step < total_steps:
+        sampler.set_epoch(epoch)
+        for micro, (X, Y, loss_mask) in enumerate(loader):
+            # the last window of an epoch may be shorter: scale by its real size instead of dropping it
+            window_start = micro - micro % args.accumulation_steps
+            window = min(args.accumulation_steps, micro_per_epoch - window_start)
+            last_micro = micro == window_start + window - 1
+            lr = get_lr(step, total_steps, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            X = X.to(ctx.device, non_blocking=True)
+            Y = Y.to(ctx.device, non_blocking=True)
+            # all-reduce gradients only on the window's last backward
+            sync = model.no_sync() if ctx.ddp and not last_micro else nullcontext()
+            with sync:
+                with autocast(ctx.device_type, dtype):
+                    loss = model(X, Y).loss / window
+                scaler.scale(loss).backward()
+            loss_accum += loss.detach()
+            tokens_accum += loss_mask.sum().to(ctx.device)
+            if not last_micro:
+                continue
+
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            steps_since_log += 1
+
+            if step % args.log_interval == 0 or step == total_steps:
+                loss_sum, tokens = ctx.all_reduce_sum([loss_accum.item(), tokens_accum.item()])
+                elapsed = time.time() - t_log
+                train_loss = loss_sum / ctx.world_size / steps_since_log
+                tokens_per_s = tokens / elapsed
+                eta = (time.time() - t_start) / step * (total_steps - step)
+                ctx.print(f"epoch {epoch + 1} | step {step}/{total_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
+                          f"grad norm {grad_norm.item():.3f} | {tokens_per_s:,.0f} tok/s | eta {format_eta(eta)}")
+                logger.log({"loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
+                            "tokens_per_s": tokens_per_s}, step)
+                loss_accum.zero_()
+                tokens_accum.zero_()
+                steps_since_log, t_log = 0, time.time()
+            if val_set is not None and (step % args.eval_interval == 0 or step == total_steps):
+                val_loss = evaluate(model, val_set, args, ctx, dtype)
+                ctx.print(f"step {step} | val loss {val_loss:.4f}")
+                logger.log({"val_loss": val_loss}, step)
+            if ctx.is_master and step % args.save_interval == 0 and step < total_steps:
+                save_model(raw_model, args)
+            if step >= total_steps:
+                break
+        epoch += 1
+
+    if ctx.is_master:
+        save_model(raw_model, args)
+        ctx.print(f"saved {args.out_dir} after {step} steps in {format_eta(time.time() - t_start)}")
+    logger.close()
+    return raw_model
+
+
+def model_config(args, tokenizer):
+    """The model the flags and preset ask for, sized to the tokenizer."""
+    from k_model import ModelConfig
+    return ModelConfig(**{k: getattr(args, k) for k in MODEL_FIELDS}, vocab_size=len(tokenizer),
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+
+
+def check_paths(args):
+    """Fail fast, with the path in the message, before any process group or model exists."""
+    for name in ("data_path", "val_data_path"):
+        path = getattr(args, name)
+        if path and not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: file not found (--{name})")
+    if args.dtype not in ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32"):
+        raise ValueError(f"unknown --dtype {args.dtype}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        check_paths(args)
+        tokenizer = load_tokenizer(args.tokenizer_path)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+    from dataset import PretrainDataset
+    from k_model import Transformer
+    ctx = Dist(args.device)
+    set_seed(args.seed)
+    try:
+        train_set = PretrainDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
+        val_set = PretrainDataset(args.val_data_path, tokenizer, max_length=args.max_seq_len) \
+            if args.val_data_path else None
+    except JsonlError as e:
+        ctx.close()
+        sys.exit(f"error: {e}")
+    model = Transformer(model_config(args, tokenizer))
+    train(args, model, train_set, val_set, ctx)
+    ctx.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Supervised fine-tuning (chapter 5.5.2): the pretraining loop on chats, loss on answers only.
+
+    python code/ddp_sft.py --preset demo --data_path data/demo_sft.jsonl \
+        --val_data_path data/demo_sft_val.jsonl --pretrained_path output/pretrain --out_dir output/sft
+    torchrun --nproc_per_node 4 code/ddp_sft.py --data_path data/sft.jsonl --pretrained_path output/pretrain
+
+The model starts from a pretrained save_pretrained directory, loaded strictly: a missing or
+misshapen weight, or an architecture other than the preset's, is an error.
+"""
+import sys
+
+import ddp_pretrain
+from ddp_pretrain import Dist, check_paths, load_tokenizer, parse_args, set_seed, train
+from jsonl import JsonlError
+
+# ---- hyperparameters: edit here; a preset overrides these, CLI flags override both ----
+DEFAULTS = dict(
+    ddp_pretrain.DEFAULTS,
+    data_path="data/sft.jsonl",
+    pretrained_path="output/pretrain",  # a ddp_pretrain.py output directory
+    out_dir="output/sft",
+    preset=None,              # None: the architecture is whatever the pretrained checkpoint has
+    epochs=3,                 # the chapter's SFT command (5.7.3)
+    batch_size=8,
+    learning_rate=1e-5,
+    warmup_iters=100,
+)
+# same architectures as pretraining, with fine-tuning hyperparameters
+PRESETS = {
+    "chapter": dict(ddp_pretrain.PRESETS["chapter"]),
+    "demo": dict({k: ddp_pretrain.PRESETS["demo"][k] for k in ddp_pretrain.MODEL_FIELDS if k in ddp_pretrain.PRESETS["demo"]},
+                 batch_size=16, accumulation_steps=1, learning_rate=5e-4, warmup_iters=20, epochs=2,
+                 max_steps=-1, log_interval=25, save_interval=1000, eval_interval=100, eval_iters=-1),
+}
+
+
+def requested_architecture(args, tokenizer) -> dict:
+    """The model fields the preset or flags ask for (the checkpoint must match them), and the
+    tokenizer's vocabulary size."""
+    fields = {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len")
+              if getattr(args, k) is not None}
+    return {**fields, "vocab_size": len(tokenizer)}
+
+
+def main(argv=None):
+    parser = ddp_pretrain.build_parser(__doc__)
+    parser.add_argument("--pretrained_path")
+    args = parse_args(argv, parser, DEFAULTS, PRESETS)
+    try:
+        check_paths(args)
+        tokenizer = load_tokenizer(args.tokenizer_path)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+    from dataset import SFTDataset
+    from k_model import load_model
+    ctx = Dist(args.device)
+    set_seed(args.seed)
+    try:
+        # strict load (the chapter used strict=False, which silently kept random weights)
+        model = load_model(args.pretrained_path, config=requested_architecture(args, tokenizer),
+                           dropout=args.dropout)
+        max_length = args.max_seq_len or model.config.max_seq_len
+        train_set = SFTDataset(args.data_path, tokenizer, max_length=max_length)
+        val_set = SFTDataset(args.val_data_path, tokenizer, max_length=max_length) \
+            if args.val_data_path else None
+    except (FileNotFoundError, ValueError, JsonlError) as e:
+        ctx.close()
+        sys.exit(f"error: {e}")
+    ctx.print(f"loaded {args.pretrained_path}")
+    train(args, model, train_set, val_set, ctx)
+    ctx.close()
+
+
+if __name__ == "__main__":
+    main()

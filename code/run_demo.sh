@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The whole chapter on the demo data, on CPU, in about 10 minutes:
+# demo data -> tokenizer -> pretrain -> SFT -> samples and chat answers.
+# Run from the repository root: bash code/run_demo.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1
+
+stage() {  # stage NAME COMMAND...: run a step and report its wall time
+  local name=$1; shift
+  echo; echo "==== $name: $*"
+  local start=$SECONDS
+  "$@"
+  echo "==== $name took $((SECONDS - start))s"
+  TIMES+=("$name: $((SECONDS - start))s")
+}
+TIMES=()
+
+stage "1. demo data" python code/deal_dataset.py --demo
+stage "2. tokenizer" python code/train_tokenizer.py \
+  --data_path data/demo_pretrain.jsonl data/demo_sft.jsonl --save_dir tokenizer_k --vocab_size 6144
+stage "3. pretrain" python code/ddp_pretrain.py --preset demo \
+  --data_path data/demo_pretrain.jsonl --val_data_path data/demo_pretrain_val.jsonl --out_dir output/pretrain
+stage "4. SFT" python code/ddp_sft.py --preset demo \
+  --data_path data/demo_sft.jsonl --val_data_path data/demo_sft_val.jsonl \
+  --pretrained_path output/pretrain --out_dir output/sft
+stage "5. pretrain samples" python code/model_sample.py --mode pretrain --checkpoint output/pretrain --max_new_tokens 60
+stage "6. chat" python code/model_sample.py --mode chat --checkpoint output/sft --max_new_tokens 60
+
+echo; echo "==== wall time per stage"
+printf '  %s\n' "${TIMES[@]}"

@@ -1,0 +1,150 @@
+"""Train the byte-level BPE tokenizer of chapter 5.2 and save it for AutoTokenizer.
+
+    python code/train_tokenizer.py --data_path data/demo_pretrain.jsonl --save_dir tokenizer_k --vocab_size 6144
+
+Reads jsonl lines with a "text" field (pretraining) or a chat (a list of {"role", "content"}
+messages, as deal_dataset.py writes them); several --data_path files may be given.
+"""
+import argparse
+import json
+import os
+import sys
+from typing import Iterator, List
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from jsonl import JsonlError, read_jsonl
+
+# ---- hyperparameters (CLI flags override) ----
+DATA_PATH = "data/demo_pretrain.jsonl"
+SAVE_DIR = "tokenizer_k"
+VOCAB_SIZE = 6144
+MIN_FREQUENCY = 2  # a pair must occur at least twice to be merged
+
+# Special tokens and the ids they must get (checked after training).
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+UNK, BOS, EOS, IM_START, IM_END = SPECIAL_TOKENS
+# Byte-level BPE never produces <unk>, so it is free to serve as padding; pad must not be
+# eos or <|im_end|>, or a loss that ignores padding would also ignore the end of every answer.
+PAD = UNK
+
+# One system prompt for training data and inference alike: the chat template inserts it
+# when a conversation has none (the chapter trained and sampled with different ones).
+SYSTEM_PROMPT = "你是一个AI助手"
+
+# ChatML: <|im_start|>role\ncontent<|im_end|>\n for every turn.
+CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' -%}"
+    "{{ '<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>\n' }}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+)
+
+
+def read_texts_from_jsonl(data_path: str) -> Iterator[str]:
+    """Yield the text of each usable line: "text" of pretraining lines, contents of chats."""
+    def extract(record):
+        if isinstance(record, dict) and isinstance(record.get("text"), str) and record["text"].strip():
+            return record["text"]
+        if isinstance(record, list) and record and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                       for m in record):
+            return "\n".join(m["content"] for m in record)
+        raise ValueError('expected {"text": ...} or a list of {"role", "content"} messages')
+    yield from read_jsonl(data_path, extract)
+
+
+def build_tokenizer() -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE(unk_token=UNK))
+    # NFC, not the chapter's NFKC: NFKC folds full-width Chinese punctuation and digits to
+    # ASCII (，？！１ -> ,?!1), so decode(encode(text)) would not give ordinary Chinese back.
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def train_tokenizer(data_paths: List[str], save_dir: str, vocab_size: int = VOCAB_SIZE,
+                    min_frequency: int = MIN_FREQUENCY) -> None:
+    """Train and save the tokenizer (tokenizer.json + tokenizer_config.json + special_tokens_map.json)."""
+    if isinstance(data_paths, str):
+        data_paths = [data_paths]
+    tokenizer = build_tokenizer()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        min_frequency=min_frequency,
+        show_progress=sys.stderr.isatty(),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    texts = (text for path in data_paths for text in read_texts_from_jsonl(path))
+    print(f"Training tokenizer on {', '.join(data_paths)}")
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+
+    for expected_id, token in enumerate(SPECIAL_TOKENS):
+        actual = tokenizer.token_to_id(token)
+        assert actual == expected_id, f"{token} got id {actual}, expected {expected_id}"
+
+    os.makedirs(save_dir, exist_ok=True)
+    tokenizer.save(os.path.join(save_dir, "tokenizer.json"))
+    create_tokenizer_config(save_dir)
+    print(f"Tokenizer saved to {save_dir}")
+
+
+def create_tokenizer_config(save_dir: str) -> None:
+    """Write tokenizer_config.json (special tokens, chat template) and special_tokens_map.json,
+    so AutoTokenizer.from_pretrained(save_dir) loads a fast tokenizer with our chat format."""
+    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": PAD,
+               "additional_special_tokens": [IM_START, IM_END]}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special,
+        "added_tokens_decoder": {str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False,
+                                          "normalized": False, "single_word": False}
+                                 for i, t in enumerate(SPECIAL_TOKENS)},
+        "add_bos_token": False,  # PretrainDataset adds <s> itself; SFT text starts with <|im_start|>
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1_000_000,  # the model's max_seq_len, not the tokenizer, limits length
+        "chat_template": CHAT_TEMPLATE,
+    }
+    for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
+        with open(os.path.join(save_dir, name), "w", encoding="utf-8") as f:
+            json.dump(content, f, ensure_ascii=False, indent=2)
+
+
+def eval_tokenizer(save_dir: str) -> None:
+    """Load the saved tokenizer the way the trainers do and show what it does."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(save_dir)
+    print(f"vocab size: {len(tokenizer)}")
+    print("special tokens:", {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS})
+    messages = [{"role": "user", "content": "你好，今天天气怎么样？"},
+                {"role": "assistant", "content": "今天是晴天。"}]
+    print("chat template:\n" + tokenizer.apply_chat_template(messages, tokenize=False))
+    print("generation prompt:\n" + tokenizer.apply_chat_template(messages[:1], tokenize=False,
+                                                                  add_generation_prompt=True))
+    text = "１９９８年，新年好！Hello, world 123."
+    ids = tokenizer(text)["input_ids"]
+    decoded = tokenizer.decode(ids)
+    print(f"round trip: {text!r} -> {len(ids)} tokens -> {decoded!r} ({'same' if decoded == text else 'DIFFERENT'})")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_path", nargs="+", default=[DATA_PATH], help="jsonl file(s) to train on")
+    parser.add_argument("--save_dir", default=SAVE_DIR)
+    parser.add_argument("--vocab_size", type=int, default=VOCAB_SIZE)
+    parser.add_argument("--min_frequency", type=int, default=MIN_FREQUENCY)
+    args = parser.parse_args(argv)
+    try:
+        train_tokenizer(args.data_path, args.save_dir, args.vocab_size, args.min_frequency)
+    except JsonlError as e:
+        sys.exit(f"error: {e}")
+    eval_tokenizer(args.save_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,442 @@
+"""Tokenizer, datasets (PretrainDataset, SFTDataset), jsonl reading and deal_dataset."""
+import itertools
+import json
+import os
+import re
+
+import pytest
+import torch
+
+from conftest import write_jsonl
+from dataset import PretrainDataset, SFTDataset
+from jsonl import JsonlError
+from k_model import IGNORE_INDEX, Transformer
+import deal_dataset
+from train_tokenizer import SYSTEM_PROMPT
+
+SPECIALS = {"<unk>": 0, "<s>": 1, "</s>": 2, "<|im_start|>": 3, "<|im_end|>": 4}
+
+
+def ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------- tokenizer
+
+def test_special_token_ids(tokenizer):
+    for token, expected in SPECIALS.items():
+        assert tokenizer.convert_tokens_to_ids(token) == expected, token
+    assert tokenizer.unk_token_id == 0
+    assert tokenizer.bos_token_id == 1
+    assert tokenizer.eos_token_id == 2
+
+
+def test_pad_token_is_not_an_end_token(tokenizer):
+    assert tokenizer.pad_token_id == 0
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer.pad_token_id != tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_special_tokens_in_text_are_single_ids(tokenizer):
+    encoded = ids(tokenizer, "<|im_start|>user\n你好<|im_end|>\n")
+    assert encoded[0] == SPECIALS["<|im_start|>"]
+    assert encoded.count(SPECIALS["<|im_end|>"]) == 1
+    # no <s> is added automatically (PretrainDataset adds it itself)
+    assert tokenizer("你好")["input_ids"] == ids(tokenizer, "你好")
+    assert SPECIALS["<s>"] not in tokenizer("你好")["input_ids"]
+
+
+def test_tokenizer_files_written(tokenizer_dir):
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert os.path.isfile(os.path.join(tokenizer_dir, name)), name
+    with open(os.path.join(tokenizer_dir, "tokenizer_config.json"), encoding="utf-8") as f:
+        assert "chat_template" in json.load(f)
+
+
+def test_chat_template_inserts_default_system_prompt(tokenizer):
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "你好"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert text == ("<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>\n"
+                    "<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n")
+    assert text == ("<|im_start|>system\n你是一个AI助手<|im_end|>\n<|im_start|>user\n你好<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+
+
+def test_chat_template_uses_explicit_system_message(tokenizer):
+    messages = [{"role": "system", "content": "你是一只猫"}, {"role": "user", "content": "你好"},
+                {"role": "assistant", "content": "喵"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    assert text == ("<|im_start|>system\n你是一只猫<|im_end|>\n<|im_start|>user\n你好<|im_end|>\n"
+                    "<|im_start|>assistant\n喵<|im_end|>\n")
+    assert SYSTEM_PROMPT not in text
+
+
+@pytest.mark.parametrize("text", [
+    "１９９８年，你好！（测试）？",
+    "新华社北京１月１日电：“新年好”。",
+    "Hello, world 123. 混合 English 文本！  two  spaces\nand a newline",
+])
+def test_decode_encode_round_trip(tokenizer, text):
+    encoded = tokenizer(text)["input_ids"]
+    assert tokenizer.unk_token_id not in encoded
+    assert tokenizer.decode(encoded) == text
+
+
+# ---------------------------------------------------------------- PretrainDataset
+
+def test_pretrain_dataset_short_text(tmp_path, tokenizer):
+    text = "你好，很高兴见到你。Hello!"
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": text}])
+    max_length = 40
+    ds = PretrainDataset(path, tokenizer, max_length=max_length)
+    assert len(ds) == 1
+    X, Y, mask = ds[0]
+    body = ids(tokenizer, text)
+    n = len(body) + 1  # <s> + text
+    assert n + 1 < max_length, "test text must leave room for padding"
+    assert X.shape == Y.shape == mask.shape == (max_length,)
+    assert X.dtype == torch.long and Y.dtype == torch.long
+
+    assert X[:n].tolist() == [tokenizer.bos_token_id] + body
+    assert X[0].item() == tokenizer.bos_token_id
+    assert X[n].item() == tokenizer.eos_token_id  # the document ends with </s>
+    # mask 1 on every prediction of a real token: the text's tokens and the closing </s>
+    assert mask.tolist() == [1] * n + [0] * (max_length - n)
+    for t in range(max_length - 1):
+        if mask[t]:
+            assert Y[t].item() == X[t + 1].item()
+    assert Y[n - 1].item() == tokenizer.eos_token_id
+    # padding
+    assert (X[n + 1:] == tokenizer.pad_token_id).all()
+    assert (Y[mask == 0] == IGNORE_INDEX).all()
+    assert tokenizer.decode(X[1:n].tolist()) == text
+
+
+def test_pretrain_dataset_truncates_long_text(tmp_path, tokenizer):
+    text = "中国经济持续发展，人民生活水平不断提高。" * 10
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": text}])
+    max_length = 16
+    full = [tokenizer.bos_token_id] + ids(tokenizer, text) + [tokenizer.eos_token_id]
+    assert len(full) > max_length + 1
+    X, Y, mask = PretrainDataset(path, tokenizer, max_length=max_length)[0]
+    assert X.tolist() == full[:max_length]
+    assert Y.tolist() == full[1:max_length + 1]
+    assert mask.tolist() == [1] * max_length
+
+
+def test_pretrain_dataset_reads_each_line(tmp_path, tokenizer):
+    texts = ["今天天气很好。", "I like music.", "人工智能是计算机科学的一个分支。"]
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": t} for t in texts])
+    ds = PretrainDataset(path, tokenizer, max_length=64)
+    assert len(ds) == 3
+    for i in (2, 0, 1):  # random access by offset
+        X, _, mask = ds[i]
+        n = int(mask.sum())
+        assert tokenizer.decode(X[1:n].tolist()) == texts[i]
+
+
+# ---------------------------------------------------------------- SFTDataset
+
+def expected_token_mask(tokenizer, messages):
+    """Token ids of the chat and the mask built independently: one piece of the template at a time."""
+    if messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}] + messages
+    token_ids, mask = [], []
+    for m in messages:
+        header = ids(tokenizer, f"<|im_start|>{m['role']}\n")
+        content = ids(tokenizer, m["content"])
+        end = ids(tokenizer, "<|im_end|>")
+        newline = ids(tokenizer, "\n")
+        is_answer = int(m["role"] == "assistant")
+        token_ids += header + content + end + newline
+        mask += [0] * len(header) + [is_answer] * (len(content) + len(end)) + [0] * len(newline)
+    return token_ids, mask
+
+
+CHATS = [
+    [{"role": "system", "content": "你是一个AI助手"}, {"role": "user", "content": "你好"},
+     {"role": "assistant", "content": "你好，很高兴见到你。"}],
+    [{"role": "user", "content": "What is your name?"}, {"role": "assistant", "content": "My name is Tiny-K."},
+     {"role": "user", "content": "今天天气怎么样？"}, {"role": "assistant", "content": "今天天气很好。"}],
+    [{"role": "system", "content": "你是一只猫"}, {"role": "user", "content": "喵？"},
+     {"role": "assistant", "content": "喵喵。"}, {"role": "user", "content": "I like music."},
+     {"role": "assistant", "content": "我喜欢读书和音乐。"}],
+]
+
+
+@pytest.mark.parametrize("chat", CHATS)
+def test_sft_mask_is_exactly_the_assistant_answers(tmp_path, tokenizer, chat):
+    path = write_jsonl(tmp_path / "sft.jsonl", [chat])
+    max_length = 128
+    ds = SFTDataset(path, tokenizer, max_length=max_length)
+    X, Y, mask = ds[0]
+    token_ids, token_mask = expected_token_mask(tokenizer, chat)
+    text = tokenizer.apply_chat_template(chat, tokenize=False)
+    assert token_ids == ids(tokenizer, text), "piecewise tokenization must equal the whole"
+    assert len(token_ids) < max_length
+
+    pad = tokenizer.pad_token_id
+    padded = token_ids + [pad] * (max_length + 1 - len(token_ids))
+    exp_mask = (token_mask + [0] * (max_length + 1))[1:max_length + 1]
+    assert X.tolist() == padded[:max_length]
+    assert mask.tolist() == exp_mask
+    assert Y.tolist() == [padded[t + 1] if exp_mask[t] else IGNORE_INDEX for t in range(max_length)]
+
+    # decoding the trained targets gives back each answer followed by <|im_end|>
+    runs = [list(g) for k, g in itertools.groupby(zip(mask.tolist(), Y.tolist()), key=lambda p: p[0]) if k]
+    answers = [tokenizer.decode([y for _, y in run]) for run in runs]
+    assert answers == [m["content"] + "<|im_end|>" for m in chat if m["role"] == "assistant"]
+    # the "\n" after each assistant <|im_end|> is not trained on
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for t in range(max_length - 1):
+        if mask[t] and Y[t] == im_end:
+            assert mask[t + 1] == 0
+
+
+def test_sft_truncation_inside_and_before_the_answer(tmp_path, tokenizer):
+    chat = CHATS[1]
+    path = write_jsonl(tmp_path / "sft.jsonl", [chat])
+    token_ids, token_mask = expected_token_mask(tokenizer, chat)
+    first_answer = token_mask.index(1)
+    for max_length in (first_answer + 2, first_answer - 1, first_answer - 4, len(token_ids) - 2):
+        X, Y, mask = SFTDataset(path, tokenizer, max_length=max_length)[0]
+        assert X.tolist() == token_ids[:max_length]
+        assert mask.tolist() == token_mask[1:max_length + 1], max_length
+
+
+def test_sft_chat_truncated_before_the_answer_has_zero_mask_and_finite_loss(tmp_path, tokenizer, tiny_config):
+    chat = [{"role": "user", "content": "人工智能是计算机科学的一个分支。" * 4},
+            {"role": "assistant", "content": "是的。"}]
+    path = write_jsonl(tmp_path / "sft.jsonl", [chat])
+    _, token_mask = expected_token_mask(tokenizer, chat)
+    max_length = token_mask.index(1) - 3  # cut inside the user turn / header
+    X, Y, mask = SFTDataset(path, tokenizer, max_length=max_length)[0]
+    assert mask.sum().item() == 0
+    assert (Y == IGNORE_INDEX).all()
+    tiny_config.max_seq_len = max(tiny_config.max_seq_len, max_length)
+    torch.manual_seed(0)
+    model = Transformer(tiny_config)
+    loss = model(X[None], Y[None]).loss
+    assert torch.isfinite(loss) and loss.item() == 0.0
+
+
+def test_sft_dataset_skips_unusable_chats(tmp_path, tokenizer, capsys):
+    good = CHATS[0]
+    lines = [
+        good,                                                                     # 1
+        [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}],  # 2 unknown role
+        [{"role": "user", "content": "no answer"}],                              # 3 no assistant
+        {"role": "user", "content": "not a list"},                               # 4
+        [{"role": "user"}, {"role": "assistant", "content": "x"}],               # 5 no content
+        [],                                                                       # 6 empty chat
+        CHATS[1],                                                                 # 7
+    ]
+    path = write_jsonl(tmp_path / "sft.jsonl", lines)
+    ds = SFTDataset(path, tokenizer, max_length=96)
+    assert len(ds) == 2
+    assert ds[0][0].tolist()[:10] == expected_token_mask(tokenizer, CHATS[0])[0][:10]
+    assert ds[1][0].tolist()[:10] == expected_token_mask(tokenizer, CHATS[1])[0][:10]
+    err = capsys.readouterr().err
+    assert path in err and re.search(r"\b5\b", err.replace(path, ""))
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_dataset_skips_bad_lines_with_one_warning(tmp_path, tokenizer, capsys):
+    path = tmp_path / "bad.jsonl"
+    good = ["今天天气很好。", "你好。", "I like music.", "我喜欢读书。"]
+    write_jsonl(path, [
+        {"text": good[0]},          # 1
+        '{"text": "unterminated',   # 2 malformed JSON
+        {"text": good[1]},          # 3
+        {"content": "no text"},     # 4 missing "text"
+        {"text": good[2]},          # 5
+        {"text": "   "},            # 6 empty text
+        {"text": good[3]},          # 7
+        "",                          # 8 blank: ignored silently
+    ])
+    path = str(path)
+    capsys.readouterr()
+    ds = PretrainDataset(path, tokenizer, max_length=32)
+    assert len(ds) == len(good)
+    for i, text in enumerate(good):
+        X, _, mask = ds[i]
+        assert tokenizer.decode(X[1:int(mask.sum())].tolist()) == text
+
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if path in line]
+    assert len(warnings) == 1, err
+    rest = warnings[0].replace(path, "")
+    assert re.search(r"\b3\b", rest), rest  # the count
+    for lineno in (2, 4, 6):
+        assert re.search(rf"\b{lineno}\b", rest), (lineno, rest)
+    # good and blank lines are not named (exception details in parentheses aside)
+    listed = re.sub(r"\((?:[^()]|\([^()]*\))*\)", "", rest)
+    for lineno in (1, 5, 7, 8):
+        assert not re.search(rf"\b{lineno}\b", listed), (lineno, listed)
+
+
+def test_dataset_file_without_usable_lines_raises(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "empty.jsonl", ['{"oops"', {"text": ""}, {"nottext": 1}])
+    with pytest.raises(JsonlError, match=re.escape(path)):
+        PretrainDataset(path, tokenizer, max_length=16)
+    empty = write_jsonl(tmp_path / "really_empty.jsonl", [])
+    with pytest.raises(JsonlError, match=re.escape(empty)):
+        SFTDataset(empty, tokenizer, max_length=16)
+
+
+def test_dataset_missing_file_raises(tmp_path, tokenizer):
+    path = str(tmp_path / "does_not_exist.jsonl")
+    with pytest.raises(JsonlError, match=re.escape(path)):
+        PretrainDataset(path, tokenizer, max_length=16)
+    with pytest.raises(JsonlError, match=re.escape(path)):
+        SFTDataset(path, tokenizer, max_length=16)
+
+
+# ---------------------------------------------------------------- deal_dataset helpers
+
+def test_strip_pos_tags():
+    assert deal_dataset.strip_pos_tags("迈向/v  充满/v  [中国/ns  人民/n]nt  。/w") == "迈向充满中国人民。"
+    assert deal_dataset.strip_pos_tags("") == ""
+
+
+@pytest.mark.parametrize("size", [1, 7, 512, 2000])
+def test_chunk_text(size):
+    text = "".join(chr(0x4E00 + (i * 7) % 300) for i in range(1200))
+    pieces = deal_dataset.chunk_text(text, size)
+    assert all(0 < len(p) <= size for p in pieces)
+    assert "".join(pieces) == text
+    assert len(pieces) == -(-len(text) // size)
+
+
+def test_belle_to_chat():
+    record = {"conversations": [{"from": "human", "value": " 你好 "}, {"from": "assistant", "value": "你好！"},
+                                {"from": "human", "value": "再见"}, {"from": "assistant", "value": "再见。"}]}
+    assert deal_dataset.belle_to_chat(record) == [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"},
+        {"role": "user", "content": "再见"}, {"role": "assistant", "content": "再见。"},
+    ]
+
+
+def test_belle_to_chat_rejects_unknown_role_and_missing_answer():
+    with pytest.raises(ValueError, match="robot"):
+        deal_dataset.belle_to_chat({"conversations": [{"from": "robot", "value": "x"},
+                                                      {"from": "assistant", "value": "y"}]})
+    with pytest.raises(ValueError):
+        deal_dataset.belle_to_chat({"conversations": [{"from": "human", "value": "x"}]})
+
+
+# ---------------------------------------------------------------- deal_dataset main
+
+def read_lines(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def interleave(train, val, val_every):
+    """Undo write_split: record i went to val when i % val_every == val_every - 1."""
+    out, t, v = [], iter(train), iter(val)
+    for i in range(len(train) + len(val)):
+        out.append(next(v) if i % val_every == val_every - 1 else next(t))
+    return out
+
+
+def test_main_pretrain_writes_chunked_train_and_val(tmp_path, capsys):
+    long_text = "".join(chr(0x4E00 + (i * 13) % 800) for i in range(1200))
+    short = "今天天气很好。"
+    src = write_jsonl(tmp_path / "seq_monkey.jsonl", [{"text": long_text}, "{broken", {"text": short}])
+    out = str(tmp_path / "out" / "pretrain.jsonl")
+    deal_dataset.main(["--pretrain_src", src, "--pretrain_out", out, "--val_every", "3"])
+    val = str(tmp_path / "out" / "pretrain_val.jsonl")
+    assert os.path.isfile(out) and os.path.isfile(val)
+    train_texts = [r["text"] for r in read_lines(out)]
+    val_texts = [r["text"] for r in read_lines(val)]
+    assert all(len(t) <= 512 for t in train_texts + val_texts)
+    assert len(val_texts) >= 1
+    expected = [long_text[:512], long_text[512:1024], long_text[1024:], short]
+    assert interleave(train_texts, val_texts, 3) == expected
+    assert sorted(os.listdir(tmp_path / "out")) == ["pretrain.jsonl", "pretrain_val.jsonl"]
+    assert src in capsys.readouterr().err  # the broken line was reported
+
+
+def test_main_pretrain_without_usable_line_exits_and_keeps_output(tmp_path):
+    src = write_jsonl(tmp_path / "bad.jsonl", ["{broken", {"text": ""}])
+    out = tmp_path / "pretrain.jsonl"
+    out.write_text("old content\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as exc:
+        deal_dataset.main(["--pretrain_src", src, "--pretrain_out", str(out), "--val_every", "3"])
+    assert src in str(exc.value.code)
+    assert out.read_text(encoding="utf-8") == "old content\n"
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "pretrain.jsonl"]
+
+
+def test_main_pretrain_missing_source_exits(tmp_path):
+    src = str(tmp_path / "missing.jsonl")
+    out = tmp_path / "pretrain.jsonl"
+    with pytest.raises(SystemExit) as exc:
+        deal_dataset.main(["--pretrain_src", src, "--pretrain_out", str(out)])
+    assert src in str(exc.value.code)
+    assert not out.exists()
+
+
+BELLE = [
+    {"conversations": [{"from": "human", "value": "你好"}, {"from": "assistant", "value": "你好！"}]},
+    {"conversations": [{"from": "human", "value": "1+1=?"}, {"from": "assistant", "value": "2"},
+                       {"from": "human", "value": "2+2=?"}, {"from": "assistant", "value": "4"}]},
+    {"conversations": [{"from": "robot", "value": "?"}, {"from": "assistant", "value": "!"}]},
+    {"conversations": [{"from": "human", "value": "今天天气怎么样？"}, {"from": "assistant", "value": "很好。"}]},
+    {"conversations": [{"from": "human", "value": "再见"}, {"from": "assistant", "value": "再见。"}]},
+]
+
+
+def test_main_sft_writes_chats_with_system_prompt(tmp_path):
+    src = write_jsonl(tmp_path / "belle.json", BELLE + ["not json"])
+    out = str(tmp_path / "sft.jsonl")
+    deal_dataset.main(["--sft_src", src, "--sft_out", out, "--val_every", "3"])
+    train, val = read_lines(out), read_lines(str(tmp_path / "sft_val.jsonl"))
+    role = {"human": "user", "assistant": "assistant"}
+    expected = [[{"role": "system", "content": SYSTEM_PROMPT}]
+                + [{"role": role[t["from"]], "content": t["value"]} for t in r["conversations"]]
+                for r in BELLE if r["conversations"][0]["from"] != "robot"]
+    assert len(val) == 1
+    assert interleave(train, val, 3) == expected
+
+
+def test_main_sft_without_usable_line_exits_and_keeps_output(tmp_path):
+    src = write_jsonl(tmp_path / "belle.json", [BELLE[2], "not json"])
+    out = tmp_path / "sft.jsonl"
+    val = tmp_path / "sft_val.jsonl"
+    out.write_text("old sft\n", encoding="utf-8")
+    val.write_text("old val\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as exc:
+        deal_dataset.main(["--sft_src", src, "--sft_out", str(out), "--val_every", "3"])
+    assert src in str(exc.value.code)
+    assert out.read_text(encoding="utf-8") == "old sft\n"
+    assert val.read_text(encoding="utf-8") == "old val\n"
+    assert sorted(os.listdir(tmp_path)) == ["belle.json", "sft.jsonl", "sft_val.jsonl"]
+
+
+# ---------------------------------------------------------------- demo corpora
+
+def test_chatterbot_records_alternate_user_and_assistant():
+    records = list(deal_dataset.chatterbot_records())
+    assert records
+    for chat in records:
+        assert chat[0] == {"role": "system", "content": SYSTEM_PROMPT}
+        turns = chat[1:]
+        assert turns and len(turns) % 2 == 0
+        assert [m["role"] for m in turns] == ["user", "assistant"] * (len(turns) // 2)
+        assert all(isinstance(m["content"], str) and m["content"].strip() == m["content"] != ""
+                   for m in turns)
+
+
+def test_peoples_daily_records_have_no_pos_tags():
+    records = list(itertools.islice(deal_dataset.peoples_daily_records(), 100))
+    assert len(records) == 100
+    first = records[0]["text"]
+    assert "/" not in first
+    assert first.startswith("迈向充满希望的新世纪")
+    for r in records:
+        assert 0 < len(r["text"]) <= 512
+        assert not re.search(r"/[A-Za-z]", r["text"])
