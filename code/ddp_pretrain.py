@@ -76,7 +76,7 @@ def build_parser(description=__doc__) -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", type=int)
     for name in ("learning_rate", "min_lr_ratio", "weight_decay", "grad_clip", "dropout"):
         p.add_argument(f"--{name}", type=float)
-    p.add_argument("--use_swanlab", action="store_true", help="log to swanlab (mode from SWANLAB_MODE, default local)")
+    p.add_argument("--use_swanlab", action="store_true", help="log to swanlab in OUT_DIR/swanlog (SWANLAB_MODE: offline by default, no account needed)")
     return p
 
 
@@ -190,7 +190,7 @@ class Logger:
         if args.use_swanlab:
             import swanlab
             swanlab.init(project="Tiny-K", name=os.path.basename(os.path.normpath(args.out_dir)),
-                         config=vars(args), mode=os.environ.get("SWANLAB_MODE", "local"),
+                         config=vars(args), mode=os.environ.get("SWANLAB_MODE", "offline"),
                          log_dir=os.path.join(args.out_dir, "swanlog"))
             self.swanlab = swanlab
 

@@ -29,7 +29,7 @@ DEFAULTS = dict(
 PRESETS = {
     "chapter": dict(ddp_pretrain.PRESETS["chapter"]),
     "demo": dict({k: ddp_pretrain.PRESETS["demo"][k] for k in ddp_pretrain.MODEL_FIELDS if k in ddp_pretrain.PRESETS["demo"]},
-                 batch_size=16, accumulation_steps=1, learning_rate=5e-4, warmup_iters=20, epochs=2,
+                 batch_size=16, accumulation_steps=1, learning_rate=2e-3, warmup_iters=20, epochs=3,
                  max_steps=-1, log_interval=25, save_interval=1000, eval_interval=100, eval_iters=-1),
 }
 

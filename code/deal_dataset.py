@@ -115,9 +115,11 @@ def chatterbot_records(languages=("chinese", "english")) -> Iterator[List[dict]]
 # ---------------------------------------------------------------- writing
 
 def write_split(records: Iterable, train_path: str, val_path: str, val_every: int = VAL_EVERY):
-    """Stream records into train and validation jsonl files; both appear only when complete."""
+    """Stream records into train and validation jsonl files; they appear only when complete.
+    val_every=0 writes no validation file."""
     n_train = n_val = 0
-    with atomic_writer(train_path) as train_file, atomic_writer(val_path) as val_file:
+    with atomic_writer(train_path) as train_file, \
+            (atomic_writer(val_path) if val_every else open(os.devnull, "w")) as val_file:
         for i, record in enumerate(records):
             if val_every and i % val_every == val_every - 1:
                 val_file.write(dump_line(record))
@@ -127,7 +129,7 @@ def write_split(records: Iterable, train_path: str, val_path: str, val_every: in
                 n_train += 1
         if n_train == 0 or (val_every and n_val == 0):
             raise JsonlError(f"too few records for {train_path} and its validation split ({n_train} + {n_val})")
-    print(f"wrote {n_train} records to {train_path} and {n_val} to {val_path}")
+    print(f"wrote {n_train} records to {train_path}" + (f" and {n_val} to {val_path}" if val_every else ""))
 
 
 def val_path_for(path: str) -> str:

@@ -355,6 +355,9 @@ def load_model(path: str, config=None, **kwargs) -> Transformer:
     saved = ModelConfig.from_pretrained(path)
     if config is not None:
         wanted = {k: getattr(config, k) for k in ARCH_FIELDS} if isinstance(config, ModelConfig) else config
+        unknown = set(wanted) - set(ARCH_FIELDS)
+        if unknown:
+            raise ValueError(f"not architecture fields: {sorted(unknown)} (known: {', '.join(ARCH_FIELDS)})")
         diff = [f"{k}: checkpoint {getattr(saved, k)} vs requested {v}" for k, v in wanted.items()
                 if getattr(saved, k) != v]
         if diff:

@@ -75,6 +75,7 @@ def test_chat_template_uses_explicit_system_message(tokenizer):
     "１９９８年，你好！（测试）？",
     "新华社北京１月１日电：“新年好”。",
     "Hello, world 123. 混合 English 文本！  two  spaces\nand a newline",
+    "  leading spaces, a\ttab and emoji 😀 café",
 ])
 def test_decode_encode_round_trip(tokenizer, text):
     encoded = tokenizer(text)["input_ids"]
@@ -122,6 +123,23 @@ def test_pretrain_dataset_truncates_long_text(tmp_path, tokenizer):
     assert X.tolist() == full[:max_length]
     assert Y.tolist() == full[1:max_length + 1]
     assert mask.tolist() == [1] * max_length
+
+
+@pytest.mark.parametrize("extra", [-3, -1, 0, 1, 2])
+def test_pretrain_dataset_length_boundaries(tmp_path, tokenizer, extra):
+    """<s> text </s> of length L against max_length around L - 1 (the shift eats one token)."""
+    text = "我喜欢读书和音乐。"
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": text}])
+    full = [tokenizer.bos_token_id] + ids(tokenizer, text) + [tokenizer.eos_token_id]
+    max_length = len(full) - 1 + extra
+    X, Y, mask = PretrainDataset(path, tokenizer, max_length=max_length)[0]
+    n_real = min(len(full), max_length + 1)
+    padded = full[:n_real] + [tokenizer.pad_token_id] * (max_length + 1 - n_real)
+    exp_mask = [1] * (n_real - 1) + [0] * (max_length + 1 - n_real)
+    assert X.tolist() == padded[:max_length]
+    assert mask.tolist() == exp_mask
+    assert Y.tolist() == [padded[t + 1] if exp_mask[t] else IGNORE_INDEX for t in range(max_length)]
+    assert (tokenizer.eos_token_id in Y.tolist()) == (extra >= 0)
 
 
 def test_pretrain_dataset_reads_each_line(tmp_path, tokenizer):
@@ -276,6 +294,22 @@ def test_dataset_skips_bad_lines_with_one_warning(tmp_path, tokenizer, capsys):
         assert not re.search(rf"\b{lineno}\b", listed), (lineno, listed)
 
 
+def test_dataset_reads_crlf_lines_and_skips_invalid_utf8(tmp_path, tokenizer, capsys):
+    path = tmp_path / "crlf.jsonl"
+    texts = ["今天天气很好。", "I like music."]
+    with open(path, "wb") as f:
+        f.write(json.dumps({"text": texts[0]}, ensure_ascii=False).encode("utf-8") + b"\r\n")
+        f.write(b'{"text": "\xff\xfe broken"}\r\n')
+        f.write(json.dumps({"text": texts[1]}).encode("utf-8") + b"\r\n")
+    ds = PretrainDataset(str(path), tokenizer, max_length=32)
+    assert len(ds) == 2
+    for i in (1, 0):
+        X, _, mask = ds[i]
+        assert tokenizer.decode(X[1:int(mask.sum())].tolist()) == texts[i]
+    err = capsys.readouterr().err
+    assert str(path) in err and re.search(r"\b2\b", err.replace(str(path), ""))
+
+
 def test_dataset_file_without_usable_lines_raises(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "empty.jsonl", ['{"oops"', {"text": ""}, {"nottext": 1}])
     with pytest.raises(JsonlError, match=re.escape(path)):
@@ -378,6 +412,15 @@ def test_main_pretrain_missing_source_exits(tmp_path):
         deal_dataset.main(["--pretrain_src", src, "--pretrain_out", str(out)])
     assert src in str(exc.value.code)
     assert not out.exists()
+
+
+def test_main_pretrain_val_every_zero_puts_everything_in_train(tmp_path):
+    texts = ["今天天气很好。", "你好。", "I like music."]
+    src = write_jsonl(tmp_path / "src.jsonl", [{"text": t} for t in texts])
+    out = str(tmp_path / "pretrain.jsonl")
+    deal_dataset.main(["--pretrain_src", src, "--pretrain_out", out, "--val_every", "0"])
+    assert [r["text"] for r in read_lines(out)] == texts
+    assert not (tmp_path / "pretrain_val.jsonl").exists()
 
 
 BELLE = [

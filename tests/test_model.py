@@ -10,9 +10,17 @@ from k_model import (IGNORE_INDEX, MLP, ModelConfig, Transformer, apply_rotary_e
                      masked_cross_entropy, precompute_freqs_cis, repeat_kv)
 
 
-def make_model(config, seed=0):
+def make_model(config, seed=0, std=None):
+    """A model in eval mode; with `std`, every matrix is redrawn from N(0, std): the default init
+    is so small that a fresh model just repeats its last token, which makes generation tests moot."""
     torch.manual_seed(seed)
-    return Transformer(config).eval()
+    model = Transformer(config).eval()
+    if std is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0.0, std)
+    return model
 
 
 def small_config(**overrides):
@@ -151,7 +159,7 @@ def test_attention_matches_independent_reference():
 
 @pytest.mark.parametrize("n_kv_heads", [2, 4])
 def test_sdpa_path_equals_manual_path(n_kv_heads):
-    flash = make_model(small_config(n_kv_heads=n_kv_heads, flash_attn=True))
+    flash = make_model(small_config(n_kv_heads=n_kv_heads, flash_attn=True), std=0.3)
     manual = Transformer(small_config(n_kv_heads=n_kv_heads, flash_attn=False)).eval()
     assert flash.layers[0].attention.flash and not manual.layers[0].attention.flash
     manual.load_state_dict(flash.state_dict())
@@ -165,7 +173,7 @@ def test_sdpa_path_equals_manual_path(n_kv_heads):
 
 @pytest.mark.parametrize("flash_attn", [True, False])
 def test_causality_later_token_does_not_change_earlier_logits(flash_attn):
-    model = make_model(small_config(flash_attn=flash_attn))
+    model = make_model(small_config(flash_attn=flash_attn), std=0.3)
     torch.manual_seed(5)
     tokens = torch.randint(0, 97, (1, 12))
     changed = tokens.clone()
@@ -301,7 +309,7 @@ def test_config_hidden_dim_reaches_every_layer():
 @pytest.mark.parametrize("flash_attn", [True, False])
 def test_save_and_load_round_trip(tmp_path, flash_attn):
     cfg = small_config(flash_attn=flash_attn, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = make_model(cfg)
+    model = make_model(cfg, std=0.3)
     model.save_pretrained(str(tmp_path))
     files = set(os.listdir(tmp_path))
     assert {"model.safetensors", "config.json"} <= files
@@ -358,6 +366,17 @@ def test_load_model_with_different_requested_config_raises(tmp_path):
     assert loaded.config.dim == 32
 
 
+def test_load_model_with_dict_of_expected_fields(tmp_path):
+    make_model(small_config()).save_pretrained(str(tmp_path))
+    assert load_model(str(tmp_path), {"dim": 32, "n_layers": 2}).config.n_layers == 2
+    with pytest.raises(ValueError) as exc:
+        load_model(str(tmp_path), {"n_layers": 3, "vocab_size": 50})
+    assert "n_layers" in str(exc.value) and "vocab_size" in str(exc.value)
+    assert str(tmp_path) in str(exc.value)
+    with pytest.raises(ValueError, match="not architecture fields.*flash_attn"):
+        load_model(str(tmp_path), {"flash_attn": False})
+
+
 def test_load_model_with_missing_weight_raises(tmp_path):
     from safetensors.torch import load_file, save_file
     make_model(small_config()).save_pretrained(str(tmp_path))
@@ -383,7 +402,7 @@ def greedy_reference(model, idx, n):
 
 
 def test_generate_greedy_matches_argmax_loop():
-    model = make_model(small_config())
+    model = make_model(small_config(), std=0.3)
     torch.manual_seed(10)
     prompt = torch.randint(3, 97, (2, 5))
     out = model.generate(prompt, max_new_tokens=7, temperature=0.0)
@@ -392,7 +411,7 @@ def test_generate_greedy_matches_argmax_loop():
 
 
 def test_generate_stop_id_first_token_returns_empty():
-    model = make_model(small_config())
+    model = make_model(small_config(), std=0.3)
     prompt = torch.tensor([[5, 9, 13, 2 + 20]])
     first = greedy_reference(model, prompt, 1)[0, 0].item()
     out = model.generate(prompt, stop_id=first, max_new_tokens=5, temperature=0.0)
@@ -400,17 +419,18 @@ def test_generate_stop_id_first_token_returns_empty():
 
 
 def test_generate_stops_at_stop_id_without_returning_it():
-    model = make_model(small_config())
+    model = make_model(small_config(), std=0.3)
     prompt = torch.tensor([[7, 8, 9]])
     ref = greedy_reference(model, prompt, 8)[0].tolist()
     stop = ref[4]
     k = ref.index(stop)  # first time the stop token would be produced
+    assert k >= 2, ref  # the test needs a few tokens before the stop
     out = model.generate(prompt, stop_id=stop, max_new_tokens=8, temperature=0.0)
     assert out[0].tolist() == ref[:k]
 
 
 def test_generate_top_k_one_equals_greedy():
-    model = make_model(small_config())
+    model = make_model(small_config(), std=0.3)
     prompt = torch.tensor([[4, 40, 60], [11, 12, 13]])
     torch.manual_seed(11)
     sampled = model.generate(prompt, max_new_tokens=6, temperature=1.0, top_k=1)
@@ -418,7 +438,7 @@ def test_generate_top_k_one_equals_greedy():
 
 
 def test_generate_past_max_seq_len_crops_context():
-    model = make_model(small_config(max_seq_len=16))
+    model = make_model(small_config(max_seq_len=16), std=0.3)
     prompt = torch.randint(3, 97, (1, 16))
     out = model.generate(prompt, max_new_tokens=3, temperature=0.0)
     assert out.shape == (1, 3)
@@ -429,3 +449,19 @@ def test_generate_past_max_seq_len_crops_context():
             nxt = full_logits(model, seq[:, -16:])[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], dim=1)
     assert torch.equal(out, seq[:, 16:])
+
+
+@pytest.mark.parametrize("stop_from", [(0, 0), (1, 2), (0, 3)])
+def test_generate_batch_pads_finished_rows_with_stop_id(stop_from):
+    model = make_model(small_config(), std=0.3)
+    prompt = torch.tensor([[7, 8, 9], [30, 31, 32]])
+    max_new = 6
+    ref = greedy_reference(model, prompt, max_new).tolist()
+    assert ref[0] != ref[1]
+    stop = ref[stop_from[0]][stop_from[1]]
+    firsts = [row.index(stop) if stop in row else None for row in ref]
+    length = max(firsts) if None not in firsts else max_new  # stops once every row has finished
+    expected = [row[:k] + [stop] * (length - k) if k is not None else row[:length]
+                for row, k in zip(ref, firsts)]
+    out = model.generate(prompt, stop_id=stop, max_new_tokens=max_new, temperature=0.0)
+    assert out.tolist() == expected

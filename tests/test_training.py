@@ -47,6 +47,15 @@ def test_pretraining_lowers_the_loss_and_saves_everything(tokenizer_dir, pretrai
     assert model.config.dim == 32 and model.config.n_layers == 2
 
 
+def test_swanlab_logs_offline_without_an_account(tokenizer_dir, pretrain_data, tmp_path, monkeypatch):
+    import ddp_pretrain
+    monkeypatch.delenv("SWANLAB_MODE", raising=False)
+    out = tmp_path / "out"
+    ddp_pretrain.main(pretrain_argv(tokenizer_dir, pretrain_data, out, "--max_steps", "2", "--use_swanlab"))
+    runs = list((out / "swanlog").glob("run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.swanlab"))
+
+
 def test_last_partial_accumulation_window_is_trained(tokenizer_dir, tmp_path):
     import ddp_pretrain
     data = write_jsonl(tmp_path / "five.jsonl", [{"text": s} for s in SENTENCES[:5]])
