@@ -48,6 +48,8 @@ class JsonlDataset(Dataset):
         self.max_length = max_length
         self.padding = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.offsets = np.fromiter((offset for offset, _ in iter_jsonl(data_path, parse)), dtype=np.int64)
+        # bytes per record (up to the next usable line): a free proxy for its token count
+        self.approx_lengths = np.diff(self.offsets, append=os.path.getsize(data_path))
         self._file, self._file_pid = None, None
 
     def __len__(self):
@@ -119,3 +121,80 @@ class SFTDataset(JsonlDataset):
             else:
                 i += 1
         return mask
+
+
+class PackedDataset(Dataset):
+    """Fixed-length windows over a pre-tokenized stream (pretokenize.py): no padding, every
+    token is trained on. Documents inside a window are separated by </s><s>.
+
+    Window i covers tokens [i*max_length, (i+1)*max_length]: X the first max_length, Y the
+    last max_length, so consecutive windows share only the boundary token.
+    """
+
+    def __init__(self, bin_path, max_length=512, tokenizer_path=None):
+        super().__init__()
+        from pretokenize import read_meta, tokenizer_fingerprint
+        meta = read_meta(bin_path)
+        if tokenizer_path and meta["tokenizer_sha256"] != tokenizer_fingerprint(tokenizer_path):
+            raise ValueError(f"{bin_path} was tokenized with another tokenizer than {tokenizer_path}; "
+                             "run code/pretokenize.py again")
+        self.tokens = np.memmap(bin_path, dtype=meta["dtype"], mode="r")  # read on demand, never loaded whole
+        self.max_length = max_length
+        self.n_windows = (len(self.tokens) - 1) // max_length
+        if self.n_windows < 1:
+            raise ValueError(f"{bin_path}: {len(self.tokens)} tokens, fewer than one window of {max_length + 1}")
+
+    def __len__(self):
+        return self.n_windows
+
+    def __getitem__(self, index: int):
+        start = index * self.max_length
+        chunk = torch.from_numpy(self.tokens[start:start + self.max_length + 1].astype(np.int64))
+        return chunk[:-1], chunk[1:], torch.ones(self.max_length, dtype=torch.int64)
+
+
+class LengthGroupedBatchSampler:
+    """Batches of samples of similar length, in random order, each rank taking its own batches.
+
+    Shuffle, cut into groups of `group` batches, sort each group by length, cut into batches,
+    shuffle the batches: padding to the batch's longest sample then wastes little. Every rank
+    gets the same number of batches (a few are repeated to even them out).
+    """
+
+    def __init__(self, lengths, batch_size, rank=0, world_size=1, seed=0, group=50):
+        self.lengths = np.asarray(lengths)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.group, self.epoch = seed, group, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def _all_batches(self):
+        rng = np.random.default_rng(self.seed + self.epoch)
+        order = rng.permutation(len(self.lengths))
+        batches = []
+        step = self.batch_size * self.group
+        for i in range(0, len(order), step):
+            chunk = order[i:i + step]
+            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            batches += [chunk[j:j + self.batch_size].tolist() for j in range(0, len(chunk), self.batch_size)]
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+        batches += batches[: -len(batches) % self.world_size]  # equal count on every rank
+        return batches
+
+    def __iter__(self):
+        return iter(self._all_batches()[self.rank::self.world_size])
+
+    def __len__(self):
+        step, n = self.batch_size * self.group, len(self.lengths)
+        n_batches = sum(-(-min(step, n - i) // self.batch_size) for i in range(0, n, step))
+        return -(-n_batches // self.world_size)
+
+
+def trim_padding(batch):
+    """Collate (X, Y, loss_mask) samples and drop the columns after the last trained position:
+    a causal model's earlier outputs do not depend on them, so the loss is unchanged."""
+    X, Y, loss_mask = (torch.stack(column) for column in zip(*batch))
+    trained = (Y != IGNORE_INDEX).any(dim=0).nonzero()
+    length = int(trained.max()) + 1 if len(trained) else 1
+    return X[:, :length], Y[:, :length], loss_mask[:, :length]

@@ -51,15 +51,17 @@ DEFAULTS = dict(
     dtype="auto",                 # auto = bfloat16 on CUDA (float16 without bf16 support), float32 on CPU
     num_workers=-1,               # DataLoader workers; -1 = 4 on CUDA, 0 on CPU
     use_swanlab=False,
+    compile=None,                 # torch.compile the model; None = on CUDA only
     # model (the preset sets these)
     dim=None, n_layers=None, n_heads=None, n_kv_heads=None, max_seq_len=None, dropout=0.0,
 )
 PRESETS = {
     # the chapter's 215M model (5.6.2: dim=1024, n_layers=18), for GPUs
     "chapter": dict(dim=1024, n_layers=18, n_heads=16, n_kv_heads=8, max_seq_len=512),
-    # 6M parameters, about 5 minutes on 2 CPU cores (People's Daily paragraphs average ~70 tokens)
-    "demo": dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, max_seq_len=128,
-                 batch_size=16, accumulation_steps=1, learning_rate=2e-3, warmup_iters=50,
+    # 6M parameters, about 5 minutes on 2 CPU cores
+    # packed token windows (pretokenize.py) with bf16 autocast, which these CPUs multiply fastest
+    "demo": dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, max_seq_len=256, dtype="bfloat16",
+                 batch_size=8, accumulation_steps=1, learning_rate=2e-3, warmup_iters=50,
                  max_steps=600, log_interval=50, save_interval=200, eval_interval=200, eval_iters=25),
 }
 MODEL_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "dropout")
@@ -76,6 +78,8 @@ def build_parser(description=__doc__) -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", type=int)
     for name in ("learning_rate", "min_lr_ratio", "weight_decay", "grad_clip", "dropout"):
         p.add_argument(f"--{name}", type=float)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the model (default: on CUDA, off on CPU)")
     p.add_argument("--use_swanlab", action="store_true", help="log to swanlab in OUT_DIR/swanlog (SWANLAB_MODE: offline by default, no account needed)")
     return p
 
@@ -247,29 +251,45 @@ def evaluate(model, val_set, args, ctx: Dist, dtype) -> float:
     return loss_sum / max(n_tokens, 1.0)
 
 
-def train(args, model, train_set, val_set, ctx: Dist):
+def make_loader(train_set, args, ctx: Dist, group_by_length: bool):
+    """Each rank iterates its own shard. Chats go in batches of similar length, trimmed to the
+    longest; token windows (and the chapter's padded texts) in plain shuffled batches."""
+    from dataset import LengthGroupedBatchSampler, trim_padding
+    num_workers = args.num_workers if args.num_workers >= 0 else (4 if ctx.device_type == "cuda" else 0)
+    common = dict(num_workers=num_workers, pin_memory=ctx.device_type == "cuda", persistent_workers=num_workers > 0)
+    if group_by_length:
+        sampler = LengthGroupedBatchSampler(train_set.approx_lengths, args.batch_size, ctx.rank, ctx.world_size,
+                                            args.seed)
+        return sampler, DataLoader(train_set, batch_sampler=sampler, collate_fn=trim_padding, **common)
+    # drop_last: the last (< world_size) samples are dropped rather than repeated on some ranks
+    sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=args.seed,
+                                 drop_last=True)
+    return sampler, DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, **common)
+
+
+def train(args, model, train_set, val_set, ctx: Dist, group_by_length=False):
     """The loop shared by pretraining and SFT: AdamW, cosine LR, accumulation, clipping, eval, save."""
     dtype = resolve_dtype(args.dtype, ctx.device_type)
     if ctx.device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     raw_model = model.to(ctx.device)
-    model = DistributedDataParallel(raw_model, device_ids=[ctx.local_rank] if ctx.device_type == "cuda" else None) \
-        if ctx.ddp else raw_model
+    use_compile = args.compile if args.compile is not None else ctx.device_type == "cuda"
+    model = torch.compile(raw_model) if use_compile else raw_model
+    if ctx.ddp:
+        model = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device_type == "cuda" else None)
     optimizer = make_optimizer(raw_model, args, ctx.device_type)
     # loss scaling is needed for float16 only; bfloat16 has float32's range
     scaler = torch.amp.GradScaler(ctx.device_type, enabled=dtype == torch.float16)
 
-    sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=args.seed)
-    num_workers = args.num_workers if args.num_workers >= 0 else (4 if ctx.device_type == "cuda" else 0)
-    loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, num_workers=num_workers,
-                        pin_memory=ctx.device_type == "cuda", persistent_workers=num_workers > 0)
+    sampler, loader = make_loader(train_set, args, ctx, group_by_length)
     micro_per_epoch = len(loader)
     steps_per_epoch = math.ceil(micro_per_epoch / args.accumulation_steps)
     total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
     n_params = sum(p.numel() for p in {id(p): p for p in raw_model.parameters()}.values())
     ctx.print(f"{n_params / 1e6:.2f}M parameters | {len(train_set)} samples, {ctx.world_size} process(es), "
-              f"{steps_per_epoch} steps/epoch, {total_steps} steps | device {ctx.device}, {dtype}")
+              f"{steps_per_epoch} steps/epoch, {total_steps} steps | device {ctx.device}, {dtype}"
+              + (", compiled" if use_compile else ""))
 
     logger = Logger(args, ctx)
     step, epoch = 0, 0
@@ -316,14 +336,14 @@ def train(args, model, train_set, val_set, ctx: Dist):
                 ctx.print(f"epoch {epoch + 1} | step {step}/{total_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
                           f"grad norm {grad_norm.item():.3f} | {tokens_per_s:,.0f} tok/s | eta {format_eta(eta)}")
                 logger.log({"loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                            "tokens_per_s": tokens_per_s}, step)
+                            "tokens_per_s": tokens_per_s, "time": time.time() - t_start}, step)
                 loss_accum.zero_()
                 tokens_accum.zero_()
                 steps_since_log, t_log = 0, time.time()
             if val_set is not None and (step % args.eval_interval == 0 or step == total_steps):
                 val_loss = evaluate(model, val_set, args, ctx, dtype)
                 ctx.print(f"step {step} | val loss {val_loss:.4f}")
-                logger.log({"val_loss": val_loss}, step)
+                logger.log({"val_loss": val_loss, "time": time.time() - t_start}, step)
             if ctx.is_master and step % args.save_interval == 0 and step < total_steps:
                 save_model(raw_model, args)
             if step >= total_steps:
@@ -345,6 +365,14 @@ def model_config(args, tokenizer):
                        eos_token_id=tokenizer.eos_token_id)
 
 
+def pretrain_dataset(path, tokenizer, args):
+    """A .bin token file (pretokenize.py) trains packed; a .jsonl trains as the chapter does, padded."""
+    from dataset import PackedDataset, PretrainDataset
+    if path.endswith(".bin"):
+        return PackedDataset(path, max_length=args.max_seq_len, tokenizer_path=args.tokenizer_path)
+    return PretrainDataset(path, tokenizer, max_length=args.max_seq_len)
+
+
 def check_paths(args):
     """Fail fast, with the path in the message, before any process group or model exists."""
     for name in ("data_path", "val_data_path"):
@@ -363,15 +391,13 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 
-    from dataset import PretrainDataset
     from k_model import Transformer
     ctx = Dist(args.device)
     set_seed(args.seed)
     try:
-        train_set = PretrainDataset(args.data_path, tokenizer, max_length=args.max_seq_len)
-        val_set = PretrainDataset(args.val_data_path, tokenizer, max_length=args.max_seq_len) \
-            if args.val_data_path else None
-    except JsonlError as e:
+        train_set = pretrain_dataset(args.data_path, tokenizer, args)
+        val_set = pretrain_dataset(args.val_data_path, tokenizer, args) if args.val_data_path else None
+    except (JsonlError, ValueError, FileNotFoundError) as e:
         ctx.close()
         sys.exit(f"error: {e}")
     model = Transformer(model_config(args, tokenizer))

@@ -29,7 +29,7 @@ DEFAULTS = dict(
 PRESETS = {
     "chapter": dict(ddp_pretrain.PRESETS["chapter"]),
     "demo": dict({k: ddp_pretrain.PRESETS["demo"][k] for k in ddp_pretrain.MODEL_FIELDS if k in ddp_pretrain.PRESETS["demo"]},
-                 batch_size=16, accumulation_steps=1, learning_rate=2e-3, warmup_iters=20, epochs=3,
+                 dtype="bfloat16", batch_size=16, accumulation_steps=1, learning_rate=2e-3, warmup_iters=20, epochs=3,
                  max_steps=-1, log_interval=25, save_interval=1000, eval_interval=100, eval_iters=-1),
 }
 
@@ -68,7 +68,7 @@ def main(argv=None):
         ctx.close()
         sys.exit(f"error: {e}")
     ctx.print(f"loaded {args.pretrained_path}")
-    train(args, model, train_set, val_set, ctx)
+    train(args, model, train_set, val_set, ctx, group_by_length=True)
     ctx.close()
 
 

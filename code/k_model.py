@@ -158,16 +158,16 @@ class Attention(nn.Module):
         # RoPE on (batch, seq, heads, head_dim), before the heads move to dim 1
         xq, xk = apply_rotary_emb(xq, xk, freqs_cos, freqs_sin)
 
-        # GQA: each key/value head serves n_rep query heads
-        xk = repeat_kv(xk, self.n_rep)
-        xv = repeat_kv(xv, self.n_rep)
-
         xq, xk, xv = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)
         if self.flash:
+            # enable_gqa: SDPA lets each key/value head serve n_rep query heads without copying them
             output = F.scaled_dot_product_attention(
                 xq, xk, xv, attn_mask=None,
-                dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+                dropout_p=self.dropout if self.training else 0.0, is_causal=True, enable_gqa=self.n_rep > 1)
         else:
+            # GQA: each key/value head serves n_rep query heads
+            xk = repeat_kv(xk.transpose(1, 2), self.n_rep).transpose(1, 2)
+            xv = repeat_kv(xv.transpose(1, 2), self.n_rep).transpose(1, 2)
             scores = torch.matmul(xq, xk.transpose(2, 3)) / math.sqrt(self.head_dim)
             scores = scores + self.mask[:, :, :seqlen, :seqlen]
             scores = F.softmax(scores.float(), dim=-1).type_as(xq)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole chapter on the demo data, on CPU, in about 10 minutes:
-# demo data -> tokenizer -> pretrain -> SFT -> samples and chat answers.
+# demo data -> tokenizer -> token files -> pretrain -> SFT -> samples and chat answers.
 # Run from the repository root: bash code/run_demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,13 +19,15 @@ TIMES=()
 stage "1. demo data" python code/deal_dataset.py --demo
 stage "2. tokenizer" python code/train_tokenizer.py \
   --data_path data/demo_pretrain.jsonl data/demo_sft.jsonl --save_dir tokenizer_k --vocab_size 6144
-stage "3. pretrain" python code/ddp_pretrain.py --preset demo \
-  --data_path data/demo_pretrain.jsonl --val_data_path data/demo_pretrain_val.jsonl --out_dir output/pretrain
-stage "4. SFT" python code/ddp_sft.py --preset demo \
+stage "3. pretokenize" python code/pretokenize.py \
+  --data_path data/demo_pretrain.jsonl data/demo_pretrain_val.jsonl --tokenizer_path tokenizer_k
+stage "4. pretrain" python code/ddp_pretrain.py --preset demo \
+  --data_path data/demo_pretrain.bin --val_data_path data/demo_pretrain_val.bin --out_dir output/pretrain
+stage "5. SFT" python code/ddp_sft.py --preset demo \
   --data_path data/demo_sft.jsonl --val_data_path data/demo_sft_val.jsonl \
   --pretrained_path output/pretrain --out_dir output/sft
-stage "5. pretrain samples" python code/model_sample.py --mode pretrain --checkpoint output/pretrain --max_new_tokens 60
-stage "6. chat" python code/model_sample.py --mode chat --checkpoint output/sft --max_new_tokens 60
+stage "6. pretrain samples" python code/model_sample.py --mode pretrain --checkpoint output/pretrain --max_new_tokens 60
+stage "7. chat" python code/model_sample.py --mode chat --checkpoint output/sft --max_new_tokens 60
 
 echo; echo "==== wall time per stage"
 printf '  %s\n' "${TIMES[@]}"

@@ -120,7 +120,7 @@ def test_sft_learns_to_answer_and_end_its_turn(tokenizer_dir, pretrain_data, tmp
                                     "--max_seq_len", "80"))
     sft_data = write_jsonl(tmp_path / "sft.jsonl", CHATS * 4)
     ddp_sft.main(["--data_path", sft_data, "--tokenizer_path", tokenizer_dir, "--pretrained_path",
-                  str(tmp_path / "pre"), "--out_dir", str(tmp_path / "sft"), "--batch_size", "4",
+                  str(tmp_path / "pre"), "--out_dir", str(tmp_path / "sft"), "--batch_size", "16",
                   "--accumulation_steps", "1", "--learning_rate", "3e-3", "--warmup_iters", "5",
                   "--max_steps", "150", "--log_interval", "10", "--device", "cpu"])
     losses = [loss for _, loss in read_metrics(tmp_path / "sft", "loss")]

@@ -1,0 +1,274 @@
+"""Training throughput, measured side by side in one run (machines are noisy; ratios are not).
+
+    python code/bench_train.py            # CPU: the demo model; CUDA: the chapter's 215M model
+    python code/bench_train.py --smoke    # two steps of a tiny model, to check that it runs
+    python code/bench_train.py --time_to_loss 300   # + train each path to a validation loss (~8 min)
+
+Prints three tables:
+  1. real (non-padding) tokens/s: our packed path vs the chapter's padded PretrainDataset path
+     on the demo corpus (needs data/demo_pretrain.jsonl and tokenizer_k; bash code/run_demo.sh);
+  2. forward+backward+AdamW step: k_model.Transformer vs Hugging Face LlamaForCausalLM of the
+     same size;
+  3. model FLOP/s (6 * params * tokens + attention) as a fraction of this machine's peak,
+     measured with a large matmul in the same run: the MFU.
+With --time_to_loss SECONDS it then trains the demo preset with ddp_pretrain.py: the chapter's
+padded path for SECONDS, our packed path for a quarter of that (each run's step count set from
+the speed measured in table 1), and prints the validation loss each reaches.
+"""
+import argparse
+import itertools
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+from ddp_pretrain import PRESETS, autocast, make_optimizer, resolve_dtype
+from k_model import ModelConfig, Transformer, count_parameters
+
+# ---- hyperparameters (CLI flags override) ----
+WARMUP_STEPS = 3
+TIMED_STEPS = 10
+DATA_PATH = "data/demo_pretrain.jsonl"
+VAL_DATA_PATH = "data/demo_pretrain_val.jsonl"
+TOKENIZER_PATH = "tokenizer_k"
+
+
+def bench_config(device_type, smoke):
+    if smoke:
+        return dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64, batch_size=4)
+    preset = PRESETS["chapter" if device_type == "cuda" else "demo"]
+    return dict({k: preset[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len")},
+                batch_size=16 if device_type == "cuda" else 8)
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_steps(step_fns, batches, device, warmup, steps, rounds=3):
+    """Per step function: (seconds per step, real tokens per step), the best of `rounds`.
+
+    The functions take turns round by round, so a slow spell of the machine hits them alike.
+    """
+    batches = list(batches)
+    for step_fn in step_fns:
+        for batch in batches[:warmup]:
+            step_fn(batch)
+    sync(device)
+    best = [float("inf")] * len(step_fns)
+    timed = list(itertools.islice(itertools.cycle(batches), steps))
+    real_tokens = [sum(int(b[2].sum()) for b in timed) / steps] * len(step_fns)
+    for _ in range(rounds):
+        for i, step_fn in enumerate(step_fns):
+            start = time.perf_counter()
+            for batch in timed:
+                step_fn(batch)
+            sync(device)
+            best[i] = min(best[i], (time.perf_counter() - start) / steps)
+    return list(zip(best, real_tokens))
+
+
+def make_train_step(model, device, dtype, compile_model=False):
+    optimizer = make_optimizer(model, argparse.Namespace(weight_decay=0.1, learning_rate=1e-4),
+                               "cuda" if device.startswith("cuda") else "cpu")
+    forward = torch.compile(model) if compile_model else model
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+
+    def step(batch):
+        X, Y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        with autocast(device_type, dtype):
+            # HF shifts the labels itself: same compute, one position fewer in the loss
+            out = forward(X, Y) if isinstance(model, Transformer) else forward(input_ids=X, labels=X)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def time_paths(paths, config, device, compile_model, warmup, steps):
+    """(seconds, real tokens) per step for each (name, batches, dtype), each with a fresh model."""
+    results = []
+    for _, batches, dtype in paths:
+        torch.manual_seed(0)
+        model = Transformer(config).to(device)
+        results += time_steps([make_train_step(model, device, dtype, compile_model)], batches, device, warmup, steps)
+    return results
+
+
+def loader_batches(dataset, batch_size, n):
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                                         generator=torch.Generator().manual_seed(0))
+    return list(itertools.islice(loader, n))
+
+
+def random_batches(vocab_size, batch_size, seq_len, n):
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(n):
+        tokens = torch.randint(5, vocab_size, (batch_size, seq_len + 1), generator=g)
+        batches.append((tokens[:, :-1], tokens[:, 1:], torch.ones(batch_size, seq_len, dtype=torch.long)))
+    return batches
+
+
+def peak_flops(device, dtype, smoke):
+    """FLOP/s of a large square matmul in `dtype`: the ceiling for the model's matmuls."""
+    n = 512 if smoke else (8192 if device.startswith("cuda") else 2048)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    reps, start = (3 if smoke else 10), time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+
+
+def flops_per_token(config: ModelConfig, n_params: int) -> float:
+    """6N for the weights (forward + backward) plus 12 * layers * dim * seq for attention scores."""
+    return 6 * n_params + 12 * config.n_layers * config.dim * config.max_seq_len
+
+
+def hf_llama(config: ModelConfig, model: Transformer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    hf_config = LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.dim,
+                            intermediate_size=model.layers[0].feed_forward.w1.out_features,
+                            num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+                            num_key_value_heads=config.n_kv_heads, max_position_embeddings=config.max_seq_len,
+                            rms_norm_eps=config.norm_eps, tie_word_embeddings=True,
+                            attn_implementation="sdpa")
+    return LlamaForCausalLM(hf_config)
+
+
+def time_to_loss(args, paths):
+    """Train the demo preset on each path for a budget (the chapter's: args.time_to_loss seconds,
+    ours: a quarter), with as many steps as the measured step time allows; report val losses."""
+    import json
+    import ddp_pretrain
+    from pretokenize import pretokenize
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        bin_path = os.path.join(tmp, "train.bin")
+        pretokenize(args.data_path, args.tokenizer_path, bin_path, num_proc=2)
+        for name, dtype, step_seconds in paths:
+            budget = args.time_to_loss if name.startswith("chapter") else args.time_to_loss / 4
+            steps = max(10, int(budget / step_seconds))
+            out_dir = os.path.join(tmp, f"run{len(rows)}")
+            ddp_pretrain.main(["--preset", "demo", "--tokenizer_path", args.tokenizer_path, "--out_dir", out_dir,
+                               "--data_path", args.data_path if name.startswith("chapter") else bin_path,
+                               "--val_data_path", args.val_data_path, "--dtype", str(dtype).replace("torch.", ""),
+                               "--max_steps", str(steps), "--warmup_iters", str(min(50, steps // 10)),
+                               "--eval_interval", str(steps), "--eval_iters", "-1", "--log_interval", str(steps),
+                               "--save_interval", str(steps + 1), "--device", args.device])
+            with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+                metrics = [json.loads(line) for line in f]
+            train = [m for m in metrics if "loss" in m][-1]
+            val = [m for m in metrics if "val_loss" in m][-1]
+            rows.append([name, f"{budget:.0f}", steps, f"{train['time']:.0f}", f"{train['loss']:.3f}",
+                         f"{val['val_loss']:.3f}"])
+    print_table(f"4. time to loss: demo preset, validation on {args.val_data_path}",
+                ["path", "budget s", "steps", "train s", "train loss", "val loss"], rows)
+
+
+def print_table(title, header, rows):
+    print(f"\n{title}")
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    for row in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(x).rjust(w) for x, w in zip(row, widths)))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny model, two timed steps, random tokens")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--steps", type=int, default=TIMED_STEPS)
+    parser.add_argument("--data_path", default=DATA_PATH)
+    parser.add_argument("--tokenizer_path", default=TOKENIZER_PATH)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, help="default: on CUDA only")
+    parser.add_argument("--time_to_loss", type=float, default=0, help="seconds of training for the chapter's path")
+    parser.add_argument("--val_data_path", default=VAL_DATA_PATH)
+    args = parser.parse_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    compile_model = args.compile if args.compile is not None else device_type == "cuda"
+    warmup, steps = (1, 2) if args.smoke else (WARMUP_STEPS, args.steps)
+    bf16 = torch.bfloat16
+    torch.manual_seed(0)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    cfg = bench_config(device_type, args.smoke)
+    batch_size, seq_len = cfg.pop("batch_size"), cfg["max_seq_len"]
+    have_data = os.path.isfile(args.data_path) and os.path.isfile(os.path.join(args.tokenizer_path, "tokenizer.json"))
+    vocab_size = 6144
+    if have_data:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
+        vocab_size = len(tokenizer)
+    config = ModelConfig(**cfg, vocab_size=vocab_size)
+    n_params = count_parameters(Transformer(config))
+    print(f"device {device} ({torch.get_num_threads()} threads), torch {torch.__version__} | model {n_params / 1e6:.1f}M "
+          f"params, dim {config.dim}, {config.n_layers} layers, seq {seq_len}, batch {batch_size}"
+          + (", compiled" if compile_model else ""))
+
+    # 1. packed vs padded, on the real corpus
+    if have_data:
+        from dataset import PackedDataset, PretrainDataset
+        from pretokenize import pretokenize
+        n_batches = warmup + steps
+        padded = loader_batches(PretrainDataset(args.data_path, tokenizer, seq_len), batch_size, n_batches)
+        with tempfile.TemporaryDirectory() as tmp:
+            bin_path = os.path.join(tmp, "tokens.bin")
+            pretokenize(args.data_path, args.tokenizer_path, bin_path, num_proc=2)
+            packed = loader_batches(PackedDataset(bin_path, seq_len), batch_size, n_batches)
+        paths = (("chapter: padded jsonl, fp32", padded, torch.float32),
+                 ("packed tokens, fp32", packed, torch.float32),
+                 ("packed tokens, bf16 autocast", packed, bf16))
+        timings = time_paths(paths, config, device, compile_model, warmup, steps)
+        base = timings[0][1] / timings[0][0]
+        rows = [[name, f"{real / (batch_size * seq_len):.0%}", f"{real / sec:,.0f}", f"{real / sec / base:.2f}x"]
+                for (name, _, _), (sec, real) in zip(paths, timings)]
+        print_table(f"1. real tokens/s on {args.data_path}", ["path", "real tokens", "real tok/s", "vs chapter"], rows)
+        if args.time_to_loss:
+            time_to_loss(args, [(name, dtype, sec) for (name, _, dtype), (sec, _) in zip(paths, timings)])
+    else:
+        print(f"\n1. skipped: no {args.data_path} or {args.tokenizer_path} (bash code/run_demo.sh makes them)")
+
+    # 2. ours vs Hugging Face Llama, same dims, same random batches
+    batches = random_batches(vocab_size, batch_size, seq_len, warmup + steps)
+    dtype = resolve_dtype("auto", device_type) if device_type == "cuda" else torch.float32
+    rows, results = [], {}
+    for dtype in ([dtype] if device_type == "cuda" else [torch.float32, bf16]):
+        torch.manual_seed(0)
+        models = {"Hugging Face LlamaForCausalLM": hf_llama(config, Transformer(config)).to(device),
+                  "Tiny-K Transformer": Transformer(config).to(device)}
+        timings = time_steps([make_train_step(m, device, dtype, compile_model) for m in models.values()],
+                             batches, device, warmup, steps)
+        (hf_sec, _), (ours_sec, _) = timings
+        for name, (sec, real) in zip(models, timings):
+            results[(name, dtype)] = (sec, real)
+            rows.append([name, str(dtype).replace("torch.", ""), f"{sec * 1000:.1f}", f"{real / sec:,.0f}",
+                         f"{hf_sec / sec:.2f}x"])
+    print_table("2. train step (forward + backward + AdamW), same model size",
+                ["model", "dtype", "ms/step", "tok/s", "vs HF"], rows)
+
+    # 3. MFU
+    rows = []
+    for dtype in ([resolve_dtype("auto", "cuda")] if device_type == "cuda" else [torch.float32, bf16]):
+        peak = peak_flops(device, dtype, args.smoke)
+        sec, real = results[("Tiny-K Transformer", dtype)]
+        achieved = flops_per_token(config, n_params) * real / sec
+        rows.append([str(dtype).replace("torch.", ""), f"{peak / 1e9:,.0f}", f"{achieved / 1e9:,.1f}", f"{achieved / peak:.1%}"])
+    print_table("3. model FLOP/s vs this machine's matmul peak",
+                ["dtype", "peak GFLOP/s", "model GFLOP/s", "MFU"], rows)
+    if device_type == "cuda":
+        print(f"\npeak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
