@@ -40,7 +40,7 @@ def bench_config(device_type, smoke):
         return dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64, batch_size=4)
     preset = PRESETS["chapter" if device_type == "cuda" else "demo"]
     return dict({k: preset[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len")},
-                batch_size=16 if device_type == "cuda" else 8)
+                batch_size=16 if device_type == "cuda" else preset["batch_size"])
 
 
 def sync(device):
@@ -234,8 +234,7 @@ def main(argv=None):
         rows = [[name, f"{real / (batch_size * seq_len):.0%}", f"{real / sec:,.0f}", f"{real / sec / base:.2f}x"]
                 for (name, _, _), (sec, real) in zip(paths, timings)]
         print_table(f"1. real tokens/s on {args.data_path}", ["path", "real tokens", "real tok/s", "vs chapter"], rows)
-        if args.time_to_loss:
-            time_to_loss(args, [(name, dtype, sec) for (name, _, dtype), (sec, _) in zip(paths, timings)])
+        step_times = [(name, dtype, sec) for (name, _, dtype), (sec, _) in zip(paths, timings)]
     else:
         print(f"\n1. skipped: no {args.data_path} or {args.tokenizer_path} (bash code/run_demo.sh makes them)")
 
@@ -268,6 +267,8 @@ def main(argv=None):
                 ["dtype", "peak GFLOP/s", "model GFLOP/s", "MFU"], rows)
     if device_type == "cuda":
         print(f"\npeak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    if args.time_to_loss and have_data:
+        time_to_loss(args, step_times)
 
 
 if __name__ == "__main__":

@@ -60,9 +60,10 @@ PRESETS = {
     "chapter": dict(dim=1024, n_layers=18, n_heads=16, n_kv_heads=8, max_seq_len=512),
     # 6M parameters, about 5 minutes on 2 CPU cores
     # packed token windows (pretokenize.py) with bf16 autocast, which these CPUs multiply fastest
+    # (small batches: at this budget more optimizer steps beat more tokens per step)
     "demo": dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, max_seq_len=256, dtype="bfloat16",
-                 batch_size=8, accumulation_steps=1, learning_rate=2e-3, warmup_iters=50,
-                 max_steps=600, log_interval=50, save_interval=200, eval_interval=200, eval_iters=25),
+                 batch_size=4, accumulation_steps=1, learning_rate=2e-3, warmup_iters=100,
+                 max_steps=1500, log_interval=100, save_interval=500, eval_interval=500, eval_iters=50),
 }
 MODEL_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "dropout")
 
