@@ -91,14 +91,15 @@ def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0):
 def apply_rotary_emb(xq, xk, freqs_cos, freqs_sin):
     """Rotate each (even, odd) pair of q and k by its position's angle.
 
-    xq, xk: (batch, seq, heads, head_dim); freqs_*: (seq, head_dim // 2).
+    xq, xk: (batch, seq, heads, head_dim); freqs_*: (seq, head_dim // 2), or (batch, seq,
+    head_dim // 2) when each row has its own positions (left-padded generation).
     """
     xq_r, xq_i = xq.float().reshape(xq.shape[:-1] + (-1, 2)).unbind(-1)
     xk_r, xk_i = xk.float().reshape(xk.shape[:-1] + (-1, 2)).unbind(-1)
 
-    # broadcast the tables over batch and heads: (1, seq, 1, head_dim // 2)
-    freqs_cos = freqs_cos.view(1, freqs_cos.shape[0], 1, freqs_cos.shape[1])
-    freqs_sin = freqs_sin.view(1, freqs_sin.shape[0], 1, freqs_sin.shape[1])
+    # broadcast the tables over heads (and batch): (batch or 1, seq, 1, head_dim // 2)
+    freqs_cos = freqs_cos.view(-1, xq.shape[1], 1, freqs_cos.shape[-1])
+    freqs_sin = freqs_sin.view(-1, xq.shape[1], 1, freqs_sin.shape[-1])
 
     # complex multiplication (r + i*j) * (cos + i*sin)
     xq_out_r = xq_r * freqs_cos - xq_i * freqs_sin
@@ -124,8 +125,9 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelConfig):
+    def __init__(self, args: ModelConfig, layer_id: int = 0):
         super().__init__()
+        self.layer_id = layer_id  # which slot of a KVCache is this layer's
         self.n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
         assert args.n_heads % self.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads"
         assert args.dim % args.n_heads == 0, "dim must be a multiple of n_heads"
@@ -148,7 +150,9 @@ class Attention(nn.Module):
         if not self.flash:
             self.register_buffer("mask", causal_mask(args.max_seq_len), persistent=False)
 
-    def forward(self, x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor):
+    def forward(self, x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor,
+                kv_cache: "KVCache" = None, mask: Optional[torch.Tensor] = None):
+        """mask: None = causal over x alone (training); else (batch, 1, seq, keys) bool, True = may attend."""
         bsz, seqlen, _ = x.shape
         xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
         xq = xq.view(bsz, seqlen, self.n_heads, self.head_dim)
@@ -159,17 +163,22 @@ class Attention(nn.Module):
         xq, xk = apply_rotary_emb(xq, xk, freqs_cos, freqs_sin)
 
         xq, xk, xv = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)
+        if kv_cache is not None:  # attend to every earlier position, computed once
+            xk, xv = kv_cache.update(self.layer_id, xk, xv)
         if self.flash:
             # enable_gqa: SDPA lets each key/value head serve n_rep query heads without copying them
             output = F.scaled_dot_product_attention(
-                xq, xk, xv, attn_mask=None,
-                dropout_p=self.dropout if self.training else 0.0, is_causal=True, enable_gqa=self.n_rep > 1)
+                xq, xk, xv, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                is_causal=mask is None, enable_gqa=self.n_rep > 1)
         else:
             # GQA: each key/value head serves n_rep query heads
             xk = repeat_kv(xk.transpose(1, 2), self.n_rep).transpose(1, 2)
             xv = repeat_kv(xv.transpose(1, 2), self.n_rep).transpose(1, 2)
             scores = torch.matmul(xq, xk.transpose(2, 3)) / math.sqrt(self.head_dim)
-            scores = scores + self.mask[:, :, :seqlen, :seqlen]
+            if mask is None:
+                scores = scores + self.mask[:, :, :seqlen, :seqlen]
+            else:
+                scores = scores.masked_fill(~mask, float("-inf"))
             scores = F.softmax(scores.float(), dim=-1).type_as(xq)
             scores = self.attn_dropout(scores)
             output = torch.matmul(scores, xv)
@@ -206,7 +215,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, layer_id: int, args: ModelConfig):
         super().__init__()
         self.layer_id = layer_id
-        self.attention = Attention(args)
+        self.attention = Attention(args, layer_id)
         self.feed_forward = MLP(
             dim=args.dim,
             hidden_dim=args.hidden_dim,
@@ -216,9 +225,9 @@ class DecoderLayer(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, freqs_cos, freqs_sin):
+    def forward(self, x, freqs_cos, freqs_sin, kv_cache=None, mask=None):
         # pre-norm residual blocks
-        h = x + self.attention(self.attention_norm(x), freqs_cos, freqs_sin)
+        h = x + self.attention(self.attention_norm(x), freqs_cos, freqs_sin, kv_cache, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -280,17 +289,32 @@ class Transformer(PreTrainedModel):
     def set_output_embeddings(self, value):
         self.output = value
 
-    def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None, **kwargs):
+    def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                kv_cache: Optional["KVCache"] = None, attention_mask: Optional[torch.Tensor] = None, **kwargs):
         """Logits for every position and the mean loss when `targets` is given (IGNORE_INDEX
-        positions skipped); otherwise only the last position's logits (cheaper for generation)."""
+        positions skipped); otherwise only the last position's logits (cheaper for generation).
+
+        Generation passes a KVCache (tokens are then the ones after kv_cache.length) and an
+        attention_mask (batch, kv_cache.length + seq) that is 0 on left padding.
+        """
         _bsz, seqlen = tokens.shape
-        if seqlen > self.args.max_seq_len:
-            raise ValueError(f"sequence of {seqlen} tokens is longer than max_seq_len={self.args.max_seq_len}")
+        past = kv_cache.length if kv_cache is not None else 0
+        if past + seqlen > self.args.max_seq_len:
+            raise ValueError(f"sequence of {past + seqlen} tokens is longer than max_seq_len={self.args.max_seq_len}")
         h = self.dropout(self.tok_embeddings(tokens))
-        freqs_cos = self.freqs_cos[:seqlen]
-        freqs_sin = self.freqs_sin[:seqlen]
+        if kv_cache is None and attention_mask is None:
+            freqs_cos, freqs_sin, mask = self.freqs_cos[:seqlen], self.freqs_sin[:seqlen], None
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones(_bsz, past + seqlen, dtype=torch.long, device=tokens.device)
+            # a row's first real token is its position 0, however much padding precedes it
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            freqs_cos, freqs_sin = self.freqs_cos[positions], self.freqs_sin[positions]
+            mask = generation_mask(attention_mask, past, seqlen)
         for layer in self.layers:
-            h = layer(h, freqs_cos, freqs_sin)
+            h = layer(h, freqs_cos, freqs_sin, kv_cache, mask)
+        if kv_cache is not None:
+            kv_cache.length += seqlen
         h = self.norm(h)
 
         if targets is not None:
@@ -302,33 +326,125 @@ class Transformer(PreTrainedModel):
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     @torch.inference_mode()
-    def generate(self, idx, stop_id=None, max_new_tokens=256, temperature=1.0, top_k=None):
+    def generate(self, idx, stop_id=None, max_new_tokens=256, temperature=1.0, top_k=None, top_p=None,
+                 repetition_penalty=1.0, min_new_tokens=0, seed=None, attention_mask=None, use_kv_cache=True):
         """Sample up to max_new_tokens after idx (batch, seq); return only the new tokens.
 
-        temperature 0 is greedy. Generation stops when every row has produced stop_id; the
-        stop token itself is not returned, and rows that stopped early are padded with it.
+        temperature 0 is greedy. stop_id is a token id or a list of them; a row ends at its
+        first stop token, which is not returned (rows that ended early are padded with it), and
+        generation ends when every row has. min_new_tokens forbids stopping before that many.
+        attention_mask (batch, seq) is 0 on left padding. use_kv_cache=False re-runs the whole
+        sequence for each token, as the chapter's loop does. The sequence never grows past
+        max_seq_len: max_new_tokens is cut to what fits.
         """
-        index = idx.shape[1]
-        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            idx_cond = idx if idx.size(1) <= self.args.max_seq_len else idx[:, -self.args.max_seq_len:]
-            logits = self(idx_cond).logits[:, -1, :]
-            if temperature == 0.0:
-                idx_next = torch.argmax(logits, dim=-1, keepdim=True)
+        columns = list(self.generate_stream(idx, stop_id, max_new_tokens, temperature, top_k, top_p,
+                                            repetition_penalty, min_new_tokens, seed, attention_mask, use_kv_cache))
+        return torch.cat(columns, dim=1) if columns else idx.new_zeros((idx.shape[0], 0))
+
+    @torch.inference_mode()
+    def generate_stream(self, idx, stop_id=None, max_new_tokens=256, temperature=1.0, top_k=None, top_p=None,
+                        repetition_penalty=1.0, min_new_tokens=0, seed=None, attention_mask=None,
+                        use_kv_cache=True):
+        """generate() one step at a time: yields each new (batch, 1) column of tokens."""
+        batch, prompt_len = idx.shape
+        if prompt_len > self.args.max_seq_len:
+            raise ValueError(f"prompt of {prompt_len} tokens is longer than max_seq_len={self.args.max_seq_len}")
+        max_new_tokens = min(max_new_tokens, self.args.max_seq_len - prompt_len)
+        stop_ids = torch.tensor([] if stop_id is None else [stop_id] if isinstance(stop_id, int) else list(stop_id),
+                                dtype=torch.long, device=idx.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(idx)
+        generator = torch.Generator(device=idx.device).manual_seed(seed) if seed is not None else None
+        kv_cache = KVCache(self.args, batch, idx.device, self.dtype) if use_kv_cache else None
+        finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)
+        sequence, step_input = idx, idx
+        for i in range(max_new_tokens):
+            if kv_cache is not None:  # only the tokens the cache has not seen
+                logits = self(step_input, kv_cache=kv_cache, attention_mask=attention_mask).logits[:, -1, :]
             else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                probs = F.softmax(logits.float(), dim=-1)
-                idx_next = torch.multinomial(probs, num_samples=1)
-            if stop_id is not None:
-                idx_next[finished] = stop_id
-                finished |= idx_next.squeeze(-1) == stop_id
+                logits = self(sequence, attention_mask=attention_mask).logits[:, -1, :]
+            next_token = sample_next_token(
+                logits, temperature, top_k, top_p, repetition_penalty, sequence, attention_mask, generator,
+                banned=stop_ids if i < min_new_tokens else None)
+            if len(stop_ids):
+                next_token[finished] = stop_ids[0]
+                finished |= torch.isin(next_token, stop_ids)
                 if finished.all():
-                    break
-            idx = torch.cat((idx, idx_next), dim=1)
-        return idx[:, index:]
+                    return
+            step_input = next_token[:, None]
+            sequence = torch.cat((sequence, step_input), dim=1)
+            attention_mask = torch.cat((attention_mask, torch.ones_like(step_input)), dim=1)
+            yield step_input
+
+
+def generation_mask(attention_mask: torch.Tensor, past: int, seqlen: int) -> torch.Tensor:
+    """(batch, 1, seqlen, past + seqlen) bool: causal, padded keys hidden, and each position
+    sees at least itself (a padding row with nothing to attend to would turn into NaN)."""
+    keys = torch.arange(attention_mask.shape[1], device=attention_mask.device)[None, :]
+    queries = torch.arange(past, past + seqlen, device=attention_mask.device)[:, None]
+    mask = (keys <= queries)[None] & attention_mask.bool()[:, None, :]
+    return (mask | (keys == queries)[None])[:, None]
+
+
+class KVCache:
+    """Keys and values of every layer for a batch, preallocated for max_seq_len positions and
+    filled left to right: a new token attends to them instead of recomputing the prefix."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, device=None, dtype=torch.float32):
+        n_kv_heads = config.n_kv_heads or config.n_heads
+        shape = (config.n_layers, batch_size, n_kv_heads, config.max_seq_len, config.dim // config.n_heads)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled; Transformer.forward advances it after all layers
+
+    def update(self, layer_id: int, xk: torch.Tensor, xv: torch.Tensor):
+        """Store this step's (batch, kv_heads, seq, head_dim) keys/values; return all so far."""
+        end = self.length + xk.shape[2]
+        self.k[layer_id, :, :, self.length:end] = xk
+        self.v[layer_id, :, :, self.length:end] = xv
+        return self.k[layer_id, :, :, :end], self.v[layer_id, :, :, :end]
+
+
+def apply_repetition_penalty(logits, context, context_mask, penalty):
+    """Make tokens already in the context less likely (CTRL): positive logits / penalty,
+    negative ones * penalty. Padding (context_mask 0) does not count."""
+    counts = torch.zeros_like(logits).scatter_add_(1, context, context_mask.to(logits.dtype))
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(counts > 0, penalized, logits)
+
+
+def top_k_filter(logits, k):
+    """Keep the k largest logits of each row; the rest become -inf."""
+    kth = torch.topk(logits, min(k, logits.size(-1))).values[:, [-1]]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits, p):
+    """Keep the smallest set of most likely tokens whose probability reaches p (nucleus)."""
+    sorted_logits, order = torch.sort(logits, descending=True)
+    probs = F.softmax(sorted_logits, dim=-1)
+    remove = probs.cumsum(-1) - probs >= p  # the tokens before this one already reach p
+    return logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
+                      context=None, context_mask=None, generator=None, banned=None):
+    """One token id per row from (batch, vocab) logits; greedy at temperature 0."""
+    logits = logits.float()
+    if repetition_penalty != 1.0 and context is not None:
+        mask = context_mask if context_mask is not None else torch.ones_like(context)
+        logits = apply_repetition_penalty(logits, context, mask, repetition_penalty)
+    if banned is not None and len(banned):
+        logits = logits.index_fill(1, banned, float("-inf"))
+    if temperature == 0.0:
+        return torch.argmax(logits, dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,11 @@
-"""Sample from a trained model (chapter 5.6): text continuation or chat.
+"""Sample from a trained model (chapter 5.6): text continuation, one-shot answers, or a chat.
 
     python code/model_sample.py --mode pretrain --checkpoint output/pretrain
-    python code/model_sample.py --mode chat --checkpoint output/sft
-    python code/model_sample.py --mode chat --checkpoint output/sft --prompt 你好
+    python code/model_sample.py --mode chat --checkpoint output/sft                # 20 built-in prompts
+    python code/model_sample.py --mode chat --checkpoint output/sft --prompt 你好    # one-shot
+    python code/model_sample.py --chat --checkpoint output/sft                     # talk to it (/reset, /exit)
 """
 import argparse
-import os
 import sys
 
 import torch
@@ -17,6 +17,8 @@ CHECKPOINT = "output/sft"
 MAX_NEW_TOKENS = 256
 TEMPERATURE = 0.7
 TOP_K = 50
+TOP_P = 0.9
+REPETITION_PENALTY = 1.1
 SEED = 42
 PRETRAIN_STARTS = ["中国", "新华社北京１月１日电", "经济", "今天是", "北京"]
 CHAT_PROMPTS = [
@@ -25,6 +27,22 @@ CHAT_PROMPTS = [
     "Hello", "Hi, how are you?", "What is your name?", "Good morning", "Nice to meet you.",
     "What is AI?", "Do you like music?", "Tell me a joke", "Who are you?", "Goodbye",
 ]
+
+
+class StreamDecoder:
+    """Turns token ids into text as they come. Byte-level BPE splits a Chinese character
+    over several tokens: text is only released once it no longer ends in half a character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.emitted = tokenizer, [], 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence so far
+            return ""
+        new, self.emitted = text[self.emitted:], len(text)
+        return new
 
 
 class TextGenerator:
@@ -36,46 +54,131 @@ class TextGenerator:
         self.model = load_model(checkpoint_path).to(self.device).eval()
         self.tokenizer = load_tokenizer(tokenizer_path or checkpoint_path)
         self.im_end_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.max_seq_len = self.model.config.max_seq_len
 
-    def _generate(self, input_ids, stop_id, max_new_tokens, temperature, top_k, seed):
-        if seed is not None:
-            torch.manual_seed(seed)
+    # ---- building prompts
+
+    def chat_prompt_ids(self, prompt, history=None, max_new_tokens=MAX_NEW_TOKENS):
+        """Token ids of the chat so far plus the new user turn, ready for the answer.
+
+        When it does not leave room for max_new_tokens within max_seq_len, the oldest turns are
+        dropped (the system prompt stays); a single turn that is still too long is refused.
+        """
+        history = list(history or [])
+        system = [m for m in history[:1] if m["role"] == "system"]
+        turns = history[len(system):] + [{"role": "user", "content": prompt}]
+        budget = self.max_seq_len - min(max_new_tokens, self.max_seq_len // 2)
+        while True:
+            text = self.tokenizer.apply_chat_template(system + turns, tokenize=False, add_generation_prompt=True)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) <= budget or len(turns) == 1:
+                break
+            turns = turns[2:] if len(turns) > 2 else turns[1:]  # drop the oldest user/assistant pair
+        if len(ids) >= self.max_seq_len:
+            raise ValueError(f"the message is {len(ids)} tokens long; this model reads at most {self.max_seq_len}")
+        return ids
+
+    def _sampling(self, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed):
+        return dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                    repetition_penalty=repetition_penalty, seed=seed)
+
+    def _generate(self, input_ids, stop_id, **sampling):
         idx = torch.tensor([input_ids], dtype=torch.long, device=self.device)
-        out = self.model.generate(idx, stop_id=stop_id, max_new_tokens=max_new_tokens,
-                                  temperature=temperature, top_k=top_k)[0]
-        stopped = len(out) < max_new_tokens  # generate returns early only at stop_id
+        out = self.model.generate(idx, stop_id=stop_id, **sampling)[0]
+        stopped = len(out) < min(sampling["max_new_tokens"], self.max_seq_len - len(input_ids))
         return self.tokenizer.decode(out.tolist(), skip_special_tokens=True), stopped
 
+    # ---- the chapter's two uses
+
     def pretrain_sample(self, start, max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, top_k=TOP_K,
-                        seed=SEED):
+                        top_p=TOP_P, repetition_penalty=REPETITION_PENALTY, seed=SEED):
         """Continue `start` as the pretrained model would a document; stop at </s>."""
         input_ids = [self.tokenizer.bos_token_id] + self.tokenizer(start, add_special_tokens=False)["input_ids"]
-        text, _ = self._generate(input_ids, self.tokenizer.eos_token_id, max_new_tokens, temperature, top_k, seed)
+        input_ids = input_ids[-(self.max_seq_len - 1):]
+        text, _ = self._generate(input_ids, self.tokenizer.eos_token_id,
+                                 **self._sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed))
         return text
 
     def chat(self, prompt, history=None, max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, top_k=TOP_K,
-             seed=SEED, return_stopped=False):
+             top_p=TOP_P, repetition_penalty=REPETITION_PENALTY, seed=SEED, return_stopped=False):
         """Answer `prompt` after `history` (a list of {"role", "content"}); stop at <|im_end|>.
 
         The chat template adds the same system prompt that SFT trained with.
         """
-        messages = list(history or []) + [{"role": "user", "content": prompt}]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        input_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        answer, stopped = self._generate(input_ids, self.im_end_id, max_new_tokens, temperature, top_k, seed)
+        sampling = self._sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
+        answer, stopped = self._generate(self.chat_prompt_ids(prompt, history, max_new_tokens), self.im_end_id,
+                                         **sampling)
         answer = answer.strip()
         return (answer, stopped) if return_stopped else answer
+
+    def chat_stream(self, prompt, history=None, max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE,
+                    top_k=TOP_K, top_p=TOP_P, repetition_penalty=REPETITION_PENALTY, seed=SEED):
+        """chat(), yielding pieces of text as the tokens come."""
+        idx = torch.tensor([self.chat_prompt_ids(prompt, history, max_new_tokens)], device=self.device)
+        decoder = StreamDecoder(self.tokenizer)
+        for column in self.model.generate_stream(
+                idx, stop_id=self.im_end_id,
+                **self._sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)):
+            piece = decoder.push(int(column[0, 0]))
+            if piece:
+                yield piece
+
+    def chat_batch(self, prompts, max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, top_k=TOP_K,
+                   top_p=TOP_P, repetition_penalty=REPETITION_PENALTY, seed=SEED):
+        """Answer several prompts in one batch (left-padded); each row stops at its own <|im_end|>."""
+        rows = [self.chat_prompt_ids(p, None, max_new_tokens) for p in prompts]
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        idx = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
+        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        out = self.model.generate(idx, stop_id=self.im_end_id, attention_mask=attention_mask,
+                                  **self._sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                                                   seed))
+        return [self.tokenizer.decode(row.tolist(), skip_special_tokens=True).strip() for row in out]
+
+
+def interactive_chat(generator: TextGenerator, sampling: dict, stdin=sys.stdin):
+    """A multi-turn chat on the terminal: history kept, /reset forgets it, /exit (or end of input) quits."""
+    history = []
+    print("Tiny-K chat. /reset starts over, /exit quits.", flush=True)
+    while True:
+        print("user> ", end="", flush=True)
+        line = stdin.readline()
+        if not line or line.strip() == "/exit":
+            print()
+            return
+        prompt = line.strip()
+        if not prompt:
+            continue
+        if prompt == "/reset":
+            history = []
+            print("(history cleared)", flush=True)
+            continue
+        print("assistant> ", end="", flush=True)
+        pieces = []
+        try:
+            for piece in generator.chat_stream(prompt, history, **sampling):
+                pieces.append(piece)
+                print(piece, end="", flush=True)
+        except ValueError as e:
+            print(f"[{e}]", flush=True)
+            continue
+        print(flush=True)
+        history += [{"role": "user", "content": prompt}, {"role": "assistant", "content": "".join(pieces).strip()}]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=["pretrain", "chat"], default="chat")
+    parser.add_argument("--chat", action="store_true", help="interactive multi-turn chat on the terminal")
     parser.add_argument("--checkpoint", default=CHECKPOINT, help="a save_pretrained model directory")
     parser.add_argument("--tokenizer_path", default=None, help="default: the tokenizer saved in --checkpoint")
     parser.add_argument("--prompt", action="append", help="prompt or start text (repeatable); default: built-in examples")
     parser.add_argument("--max_new_tokens", type=int, default=MAX_NEW_TOKENS)
-    parser.add_argument("--temperature", type=float, default=TEMPERATURE)
-    parser.add_argument("--top_k", type=int, default=TOP_K)
+    parser.add_argument("--temperature", type=float, default=TEMPERATURE, help="0 = greedy")
+    parser.add_argument("--top_k", type=int, default=TOP_K, help="0 = off")
+    parser.add_argument("--top_p", type=float, default=TOP_P, help="1.0 = off")
+    parser.add_argument("--repetition_penalty", type=float, default=REPETITION_PENALTY, help="1.0 = off")
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
@@ -84,8 +187,11 @@ def main(argv=None):
     except (FileNotFoundError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    seed=args.seed)
+                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
 
+    if args.chat:
+        interactive_chat(generator, sampling)
+        return
     if args.mode == "pretrain":
         for start in args.prompt or PRETRAIN_STARTS:
             print(f"[{start}] {start}{generator.pretrain_sample(start, **sampling)}\n")

@@ -437,18 +437,15 @@ def test_generate_top_k_one_equals_greedy():
     assert torch.equal(sampled, greedy_reference(model, prompt, 6))
 
 
-def test_generate_past_max_seq_len_crops_context():
+@pytest.mark.parametrize("use_kv_cache", [True, False])
+def test_generate_never_grows_past_max_seq_len(use_kv_cache):
     model = make_model(small_config(max_seq_len=16), std=0.3)
-    prompt = torch.randint(3, 97, (1, 16))
-    out = model.generate(prompt, max_new_tokens=3, temperature=0.0)
-    assert out.shape == (1, 3)
-    # the first new token sees the whole prompt, the next ones the last 16 tokens
-    seq = prompt
-    with torch.no_grad():
-        for _ in range(3):
-            nxt = full_logits(model, seq[:, -16:])[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], dim=1)
-    assert torch.equal(out, seq[:, 16:])
+    prompt = torch.randint(3, 97, (1, 12))
+    out = model.generate(prompt, max_new_tokens=10, temperature=0.0, use_kv_cache=use_kv_cache)
+    assert out.shape == (1, 4)  # cut to what fits in 16 positions
+    assert torch.equal(out, greedy_reference(model, prompt, 4))
+    with pytest.raises(ValueError, match="longer than max_seq_len"):
+        model.generate(torch.randint(3, 97, (1, 17)), max_new_tokens=1, use_kv_cache=use_kv_cache)
 
 
 @pytest.mark.parametrize("stop_from", [(0, 0), (1, 2), (0, 3)])

@@ -1,0 +1,194 @@
+"""Inference: KV cache against the chapter's loop, ragged batches, sampling filters, stops,
+streaming decode, the chat prompt's context policy, and the interactive chat."""
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import CODE
+from k_model import (ModelConfig, Transformer, apply_repetition_penalty, sample_next_token, top_k_filter,
+                     top_p_filter)
+
+
+def peaky_model(vocab_size=97, max_seq_len=64, seed=0):
+    """A random model with large weights: its logits have clear winners, so greedy paths are stable."""
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size,
+                                    max_seq_len=max_seq_len))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("flash", [True, False])
+def test_kv_cache_greedy_equals_the_chapter_loop(flash):
+    model = peaky_model()
+    model.config.flash_attn = flash
+    prompt = torch.randint(5, 97, (1, 7), generator=torch.Generator().manual_seed(1))
+    cached = model.generate(prompt, max_new_tokens=40, temperature=0.0, use_kv_cache=True)
+    uncached = model.generate(prompt, max_new_tokens=40, temperature=0.0, use_kv_cache=False)
+    assert cached.shape == (1, 40)
+    assert torch.equal(cached, uncached)
+
+
+def left_pad(prompts, pad=0):
+    width = max(len(p) for p in prompts)
+    idx = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return idx, mask
+
+
+@pytest.mark.parametrize("use_kv_cache", [True, False])
+def test_ragged_batch_equals_each_prompt_alone(use_kv_cache):
+    model = peaky_model()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21], [30, 31, 32, 33]]
+    idx, mask = left_pad(prompts)
+    batched = model.generate(idx, max_new_tokens=12, temperature=0.0, attention_mask=mask, use_kv_cache=use_kv_cache)
+    for row, prompt in zip(batched, prompts):
+        alone = model.generate(torch.tensor([prompt]), max_new_tokens=12, temperature=0.0)[0]
+        assert torch.equal(row, alone)
+
+
+def test_each_row_stops_at_its_own_stop_token():
+    model = peaky_model()
+    prompts = [[5, 6, 7], [40, 41, 42, 43]]
+    solo = [model.generate(torch.tensor([p]), max_new_tokens=10, temperature=0.0)[0].tolist() for p in prompts]
+    stop = solo[0][3]  # row 0 stops after 3 tokens (or earlier, if this token came before)
+    idx, mask = left_pad(prompts)
+    out = model.generate(idx, stop_id=[stop, 96], max_new_tokens=10, temperature=0.0, attention_mask=mask)
+    for row, expected in zip(out.tolist(), solo):
+        cut = next((i for i, t in enumerate(expected) if t in (stop, 96)), len(expected))
+        assert row[:cut] == expected[:cut]
+        assert all(t == stop for t in row[cut:])  # finished rows are padded with the first stop id
+
+
+def test_min_new_tokens_defers_the_stop():
+    model = peaky_model()
+    prompt = torch.tensor([[5, 6, 7]])
+    first = model.generate(prompt, max_new_tokens=1, temperature=0.0)[0, 0].item()
+    assert model.generate(prompt, stop_id=first, max_new_tokens=8, temperature=0.0).shape[1] == 0
+    out = model.generate(prompt, stop_id=first, max_new_tokens=8, temperature=0.0, min_new_tokens=3)
+    assert out.shape[1] >= 3 and first not in out[0, :3].tolist()
+
+
+def test_seed_makes_sampling_reproducible():
+    model = peaky_model()
+    prompt = torch.tensor([[5, 6, 7]])
+    kwargs = dict(max_new_tokens=20, temperature=1.5, top_k=50, top_p=0.95)
+    a = model.generate(prompt, seed=1, **kwargs)
+    assert torch.equal(a, model.generate(prompt, seed=1, **kwargs))
+    assert not torch.equal(a, model.generate(prompt, seed=2, **kwargs))
+
+
+def test_top_k_filter_keeps_the_k_largest():
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0], [0.0, -1.0, 5.0, 6.0]])
+    kept = top_k_filter(logits, 2) > float("-inf")
+    assert kept.tolist() == [[False, True, True, False], [False, False, True, True]]
+
+
+def test_top_p_filter_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    logits = probs.log()
+    assert (top_p_filter(logits, 0.5) > float("-inf")).tolist() == [[False, True, False, False]]
+    assert (top_p_filter(logits, 0.75) > float("-inf")).tolist() == [[False, True, False, True]]
+    assert (top_p_filter(logits, 0.9) > float("-inf")).tolist() == [[False, True, True, True]]
+    assert (top_p_filter(logits, 1.0) > float("-inf")).all()
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    context = torch.tensor([[0, 1, 3]])
+    mask = torch.tensor([[1, 1, 0]])  # token 3 is padding here: not penalized
+    out = apply_repetition_penalty(logits, context, mask, 2.0)
+    assert out.tolist() == [[1.0, -2.0, 0.5, 3.0]]
+    # greedy sampling sees it: token 0 (2.0 -> 0.4 with penalty 5) loses to token 2 (0.5)
+    assert sample_next_token(torch.tensor([[2.0, -1.0, 0.5]]), 0.0, repetition_penalty=5.0,
+                             context=torch.tensor([[0]])).tolist() == [2]
+
+
+def test_sampling_respects_the_filters():
+    logits = torch.tensor([[0.0, 10.0, 9.0, -5.0]]).repeat(200, 1)
+    g = torch.Generator().manual_seed(0)
+    draws = sample_next_token(logits, 1.0, top_k=2, generator=g)
+    assert set(draws.tolist()) == {1, 2}
+    assert set(sample_next_token(logits, 1.0, top_p=0.5, generator=g).tolist()) == {1}
+    assert set(sample_next_token(logits, 0.0).tolist()) == {1}
+
+
+# ---------------------------------------------------------------- TextGenerator
+
+@pytest.fixture
+def generator(tokenizer, tokenizer_dir, tmp_path):
+    import shutil
+    from model_sample import TextGenerator
+    model = peaky_model(vocab_size=len(tokenizer), max_seq_len=256)
+    model.save_pretrained(str(tmp_path / "model"))
+    for name in os.listdir(tokenizer_dir):
+        shutil.copy(os.path.join(tokenizer_dir, name), tmp_path / "model")
+    return TextGenerator(str(tmp_path / "model"), device="cpu")
+
+
+def test_stream_decoder_never_splits_a_character(tokenizer):
+    from model_sample import StreamDecoder
+    text = "今天天气很好，我们去公园散步。Hello！"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    decoder = StreamDecoder(tokenizer)
+    pieces = [decoder.push(i) for i in ids]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert any(p == "" for p in pieces)  # some tokens hold only part of a character
+
+
+def test_chat_stream_concatenates_to_chat(generator):
+    kwargs = dict(max_new_tokens=20, temperature=0.8, seed=3)
+    assert "".join(generator.chat_stream("你好", **kwargs)).strip() == generator.chat("你好", **kwargs)
+
+
+def test_chat_batch_equals_one_by_one(generator):
+    prompts = ["你好", "今天天气很好，我们去公园散步吗？", "Hello"]
+    kwargs = dict(max_new_tokens=15, temperature=0.0)
+    assert generator.chat_batch(prompts, **kwargs) == [generator.chat(p, **kwargs) for p in prompts]
+
+
+def test_long_history_drops_the_oldest_turns_and_keeps_the_system_prompt(generator):
+    system = {"role": "system", "content": "你是Tiny-K"}
+    history = [system]
+    for i in range(12):
+        history += [{"role": "user", "content": f"第{i}个问题"}, {"role": "assistant", "content": f"第{i}个回答"}]
+    ids = generator.chat_prompt_ids("最后的问题", history, max_new_tokens=20)
+    text = generator.tokenizer.decode(ids)
+    assert len(ids) <= generator.max_seq_len - 20
+    assert text.startswith("<|im_start|>system\n你是Tiny-K<|im_end|>")
+    assert "最后的问题" in text and "第11个回答" in text and "第0个问题" not in text
+    with pytest.raises(ValueError, match="at most 256"):
+        generator.chat_prompt_ids("很长的问题" * 200)
+
+
+def test_interactive_chat_keeps_history_and_resets(generator, monkeypatch, capsys):
+    from model_sample import interactive_chat
+    seen = []
+
+    def fake_stream(prompt, history, **kwargs):
+        seen.append((prompt, list(history)))
+        yield f"答{len(seen)}"
+    monkeypatch.setattr(generator, "chat_stream", fake_stream)
+    interactive_chat(generator, {}, stdin=io.StringIO("你好\n再见\n/reset\nHello\n/exit\n"))
+    assert [p for p, _ in seen] == ["你好", "再见", "Hello"]
+    assert seen[1][1] == [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "答1"}]
+    assert seen[2][1] == []
+    assert "答1" in capsys.readouterr().out
+
+
+def test_chat_cli_driven_through_stdin(generator, tmp_path):
+    model_dir = str(tmp_path / "model")
+    result = subprocess.run([sys.executable, os.path.join(CODE, "model_sample.py"), "--chat", "--checkpoint",
+                             model_dir, "--max_new_tokens", "8", "--device", "cpu"],
+                            input="你好\nHello\n", capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, TRANSFORMERS_VERBOSITY="error"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("assistant> ") == 2
