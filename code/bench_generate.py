@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from bench_train import hf_llama, print_table
 from k_model import ModelConfig, Transformer
 
 # ---- hyperparameters (CLI flags override) ----
@@ -19,15 +20,6 @@ NEW_TOKENS = 400
 PROMPT_TOKENS = 16
 BATCH_SIZES = (1, 8)
 CONFIG = dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, vocab_size=6144, max_seq_len=512)  # the demo model
-
-
-def hf_llama(config: ModelConfig, hidden_dim: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=hidden_dim,
-        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
-        num_key_value_heads=config.n_kv_heads, max_position_embeddings=config.max_seq_len,
-        rms_norm_eps=config.norm_eps, tie_word_embeddings=True, attn_implementation="sdpa"))
 
 
 def timed(fn, device):
@@ -52,7 +44,7 @@ def main(argv=None):
                             if args.smoke else CONFIG))
     torch.manual_seed(0)
     ours = Transformer(config).to(device).eval()
-    hf = hf_llama(config, ours.layers[0].feed_forward.w1.out_features).to(device).eval()
+    hf = hf_llama(config).to(device).eval()
     hf.generation_config.pad_token_id = 0
     print(f"device {device} ({torch.get_num_threads()} threads), torch {torch.__version__} | dim {config.dim}, "
           f"{config.n_layers} layers, prompt {PROMPT_TOKENS} tokens, {new_tokens} new tokens, greedy")
@@ -82,10 +74,7 @@ def main(argv=None):
                          f"{seconds['Tiny-K, no cache (chapter)'] / sec:.2f}x",
                          f"{seconds['HF LlamaForCausalLM.generate'] / sec:.2f}x"])
 
-    header = ["batch", "path", "tokens/s", "vs no cache", "vs HF"]
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
-    for row in [header, ["-" * w for w in widths], *rows]:
-        print("  ".join(str(x).rjust(w) for x, w in zip(row, widths)))
+    print_table("greedy generation", ["batch", "path", "tokens/s", "vs no cache", "vs HF"], rows)
 
 
 if __name__ == "__main__":

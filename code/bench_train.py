@@ -25,7 +25,7 @@ import time
 import torch
 
 from ddp_pretrain import PRESETS, autocast, make_optimizer, resolve_dtype
-from k_model import ModelConfig, Transformer, count_parameters
+from k_model import ModelConfig, Transformer, count_parameters, mlp_hidden_dim
 
 # ---- hyperparameters (CLI flags override) ----
 WARMUP_STEPS = 3
@@ -134,10 +134,11 @@ def flops_per_token(config: ModelConfig, n_params: int) -> float:
     return 6 * n_params + 12 * config.n_layers * config.dim * config.max_seq_len
 
 
-def hf_llama(config: ModelConfig, model: Transformer):
+def hf_llama(config: ModelConfig):
+    """Hugging Face's LlamaForCausalLM with the same sizes (its own random weights)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     hf_config = LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.dim,
-                            intermediate_size=model.layers[0].feed_forward.w1.out_features,
+                            intermediate_size=mlp_hidden_dim(config.dim, config.hidden_dim, config.multiple_of),
                             num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
                             num_key_value_heads=config.n_kv_heads, max_position_embeddings=config.max_seq_len,
                             rms_norm_eps=config.norm_eps, tie_word_embeddings=True,
@@ -244,7 +245,7 @@ def main(argv=None):
     rows, results = [], {}
     for dtype in ([dtype] if device_type == "cuda" else [torch.float32, bf16]):
         torch.manual_seed(0)
-        models = {"Hugging Face LlamaForCausalLM": hf_llama(config, Transformer(config)).to(device),
+        models = {"Hugging Face LlamaForCausalLM": hf_llama(config).to(device),
                   "Tiny-K Transformer": Transformer(config).to(device)}
         timings = time_steps([make_train_step(m, device, dtype, compile_model) for m in models.values()],
                              batches, device, warmup, steps)

@@ -12,18 +12,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from jsonl import iter_jsonl, read_line_at
+from jsonl import iter_jsonl, read_line_at, text_of
 from k_model import IGNORE_INDEX
 
 ROLES = ("system", "user", "assistant")
-
-
-def parse_pretrain_record(record) -> None:
-    text = record["text"]
-    if not isinstance(text, str):
-        raise TypeError("'text' is not a string")
-    if not text.strip():
-        raise ValueError("empty text")
 
 
 def parse_chat_record(record) -> None:
@@ -77,7 +69,7 @@ class PretrainDataset(JsonlDataset):
     """{"text": ...} lines -> <s> text </s>, loss on every real token."""
 
     def __init__(self, data_path, tokenizer, max_length=512):
-        super().__init__(data_path, tokenizer, max_length, parse_pretrain_record)
+        super().__init__(data_path, tokenizer, max_length, text_of)
 
     def __getitem__(self, index: int):
         sample = self.read(index)
@@ -138,14 +130,21 @@ class PackedDataset(Dataset):
         if tokenizer_path and meta["tokenizer_sha256"] != tokenizer_fingerprint(tokenizer_path):
             raise ValueError(f"{bin_path} was tokenized with another tokenizer than {tokenizer_path}; "
                              "run code/pretokenize.py again")
-        self.tokens = np.memmap(bin_path, dtype=meta["dtype"], mode="r")  # read on demand, never loaded whole
-        self.max_length = max_length
-        self.n_windows = (len(self.tokens) - 1) // max_length
+        self.bin_path, self.dtype, self.max_length = bin_path, meta["dtype"], max_length
+        self.n_windows = (meta["n_tokens"] - 1) // max_length
         if self.n_windows < 1:
-            raise ValueError(f"{bin_path}: {len(self.tokens)} tokens, fewer than one window of {max_length + 1}")
+            raise ValueError(f"{bin_path}: {meta['n_tokens']} tokens, fewer than one window of {max_length + 1}")
+        self._tokens, self._tokens_pid = None, None
 
     def __len__(self):
         return self.n_windows
+
+    @property
+    def tokens(self):
+        # opened in each process on first use: a memmap pickled to a DataLoader worker would be copied whole
+        if self._tokens_pid != os.getpid():
+            self._tokens, self._tokens_pid = np.memmap(self.bin_path, dtype=self.dtype, mode="r"), os.getpid()
+        return self._tokens
 
     def __getitem__(self, index: int):
         start = index * self.max_length
@@ -179,7 +178,8 @@ class LengthGroupedBatchSampler:
             chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
             batches += [chunk[j:j + self.batch_size].tolist() for j in range(0, len(chunk), self.batch_size)]
         batches = [batches[i] for i in rng.permutation(len(batches))]
-        batches += batches[: -len(batches) % self.world_size]  # equal count on every rank
+        pad = -len(batches) % self.world_size  # equal count on every rank: repeat a few batches
+        batches += [batches[i % len(batches)] for i in range(pad)]
         return batches
 
     def __iter__(self):

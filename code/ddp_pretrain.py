@@ -14,6 +14,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -25,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from jsonl import JsonlError
+from pretokenize import tokenizer_fingerprint
 
 # ---- hyperparameters: edit here; a preset overrides these, CLI flags override both ----
 DEFAULTS = dict(
@@ -51,6 +53,9 @@ DEFAULTS = dict(
     dtype="auto",                 # auto = bfloat16 on CUDA (float16 without bf16 support), float32 on CPU
     num_workers=-1,               # DataLoader workers; -1 = 4 on CUDA, 0 on CPU
     use_swanlab=False,
+    resume=None,                  # a checkpoint file, or "auto" = the newest in out_dir/checkpoints
+    keep_checkpoints=3,           # training checkpoints kept in out_dir/checkpoints
+    max_nonfinite_steps=10,       # stop after this many NaN/inf steps in a row
     compile=None,                 # torch.compile the model; None = on CUDA only
     # model (the preset sets these)
     dim=None, n_layers=None, n_heads=None, n_kv_heads=None, max_seq_len=None, dropout=0.0,
@@ -72,9 +77,11 @@ def build_parser(description=__doc__) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name in ("data_path", "val_data_path", "tokenizer_path", "out_dir", "device", "dtype"):
         p.add_argument(f"--{name}")
+    p.add_argument("--resume", help='continue from a checkpoint file, or "auto": the newest in OUT_DIR/checkpoints')
     p.add_argument("--preset")
     for name in ("epochs", "max_steps", "batch_size", "accumulation_steps", "warmup_iters", "log_interval",
-                 "save_interval", "eval_interval", "eval_iters", "seed", "num_workers",
+                 "save_interval", "eval_interval", "eval_iters", "seed", "num_workers", "keep_checkpoints",
+                 "max_nonfinite_steps",
                  "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
         p.add_argument(f"--{name}", type=int)
     for name in ("learning_rate", "min_lr_ratio", "weight_decay", "grad_clip", "dropout"):
@@ -128,6 +135,30 @@ class Dist:
         if self.ddp:
             dist.all_reduce(t)
         return t.tolist()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is True on any (so all ranks take the same branch)."""
+        if not self.ddp:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def broadcast(self, obj):
+        """Rank 0's obj, on every rank."""
+        if not self.ddp:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj):
+        """Every rank's obj, in rank order (on every rank)."""
+        if not self.ddp:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def close(self):
         if self.ddp:
@@ -186,18 +217,25 @@ def make_optimizer(model, args, device_type):
 class Logger:
     """Rank 0 writes metrics.jsonl in out_dir (and swanlab if asked); other ranks stay silent."""
 
-    def __init__(self, args, ctx: Dist):
-        self.ctx, self.swanlab, self.file = ctx, None, None
+    def __init__(self, args, ctx: Dist, resume_step: int = 0, run_id: str = None):
+        self.ctx, self.swanlab, self.file, self.run_id = ctx, None, None, run_id
         if not ctx.is_master:
             return
         os.makedirs(args.out_dir, exist_ok=True)
-        self.file = open(os.path.join(args.out_dir, "metrics.jsonl"), "w", encoding="utf-8")
+        path = os.path.join(args.out_dir, "metrics.jsonl")
+        kept = []
+        if resume_step and os.path.isfile(path):  # keep the history up to the checkpoint, drop what came after
+            with open(path, encoding="utf-8") as f:
+                kept = [line for line in f if json.loads(line)["step"] <= resume_step]
+        self.file = open(path, "w", encoding="utf-8")
+        self.file.writelines(kept)
         if args.use_swanlab:
             import swanlab
-            swanlab.init(project="Tiny-K", name=os.path.basename(os.path.normpath(args.out_dir)),
-                         config=vars(args), mode=os.environ.get("SWANLAB_MODE", "offline"),
-                         log_dir=os.path.join(args.out_dir, "swanlog"))
-            self.swanlab = swanlab
+            mode = os.environ.get("SWANLAB_MODE", "offline")
+            resume = dict(id=run_id, resume="allow") if run_id and mode == "cloud" else {}
+            run = swanlab.init(project="Tiny-K", name=os.path.basename(os.path.normpath(args.out_dir)),
+                               config=vars(args), mode=mode, log_dir=os.path.join(args.out_dir, "swanlog"), **resume)
+            self.swanlab, self.run_id = swanlab, getattr(run, "id", None)
 
     def log(self, metrics: dict, step: int):
         if self.file is None:
@@ -253,57 +291,127 @@ def evaluate(model, val_set, args, ctx: Dist, dtype) -> float:
 
 
 def make_loader(train_set, args, ctx: Dist, group_by_length: bool):
-    """Each rank iterates its own shard. Chats go in batches of similar length, trimmed to the
-    longest; token windows (and the chapter's padded texts) in plain shuffled batches."""
+    """(batches per epoch, epoch_loader(epoch, start_batch) -> DataLoader of this rank's batches).
+
+    Each rank iterates its own shard, in an order fixed by the seed and the epoch, so a resumed
+    run starts exactly at the batch it stopped before. Chats go in batches of similar length,
+    trimmed to the longest; token windows (and the chapter's padded texts) in shuffled batches.
+    """
     from dataset import LengthGroupedBatchSampler, trim_padding
     num_workers = args.num_workers if args.num_workers >= 0 else (4 if ctx.device_type == "cuda" else 0)
-    common = dict(num_workers=num_workers, pin_memory=ctx.device_type == "cuda", persistent_workers=num_workers > 0)
+    common = dict(num_workers=num_workers, pin_memory=ctx.device_type == "cuda")
     if group_by_length:
         sampler = LengthGroupedBatchSampler(train_set.approx_lengths, args.batch_size, ctx.rank, ctx.world_size,
                                             args.seed)
-        return sampler, DataLoader(train_set, batch_sampler=sampler, collate_fn=trim_padding, **common)
-    # drop_last: the last (< world_size) samples are dropped rather than repeated on some ranks
-    sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=args.seed,
-                                 drop_last=True)
-    return sampler, DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, **common)
+        n_batches = len(sampler)
+    else:
+        # drop_last: the last (< world_size) samples are dropped rather than repeated on some ranks
+        sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                     seed=args.seed, drop_last=True)
+        n_batches = math.ceil(len(sampler) / args.batch_size)
+
+    def epoch_loader(epoch: int, start_batch: int = 0) -> DataLoader:
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        if group_by_length:
+            return DataLoader(train_set, batch_sampler=order[start_batch:], collate_fn=trim_padding, **common)
+        return DataLoader(train_set, batch_size=args.batch_size, sampler=order[start_batch * args.batch_size:],
+                          **common)
+    return n_batches, epoch_loader
+
+
+class StopRequest:
+    """SIGTERM/SIGINT (a preempted job, Ctrl-C) ask the loop to checkpoint and exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"received {signal.Signals(signum).name}: saving a checkpoint after this step", file=sys.stderr, flush=True)
 
 
 def train(args, model, train_set, val_set, ctx: Dist, group_by_length=False):
-    """The loop shared by pretraining and SFT: AdamW, cosine LR, accumulation, clipping, eval, save."""
+    """The loop shared by pretraining and SFT: AdamW, cosine LR, accumulation, clipping, eval,
+    checkpoints, resume, and the final save_pretrained."""
+    from checkpoint import checkpoint_path, rng_state, save_checkpoint, set_rng_state
+    from k_model import count_parameters
     dtype = resolve_dtype(args.dtype, ctx.device_type)
     if ctx.device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     raw_model = model.to(ctx.device)
+    n_params = count_parameters(raw_model)
+    # weights + AdamW's two moments, in fp32, for each kept checkpoint and the one being written
+    check_out_dir(args.out_dir, n_params * 4 * 3 * (args.keep_checkpoints + 1), ctx)
+    tokenizer_sha256 = tokenizer_fingerprint(args.tokenizer_path)
+    last_checkpoint, state = resume_state(args, ctx)
+    if state is not None:
+        check_compatible(state, raw_model, tokenizer_sha256, ctx, last_checkpoint)
+        raw_model.load_state_dict(state["model"])  # strict: every key must fit
     use_compile = args.compile if args.compile is not None else ctx.device_type == "cuda"
-    model = torch.compile(raw_model) if use_compile else raw_model
+    eval_model = torch.compile(raw_model) if use_compile else raw_model
+    model = eval_model
     if ctx.ddp:
-        model = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device_type == "cuda" else None)
+        # broadcast_buffers=False: the RoPE tables and masks are constants, not worth a broadcast per step
+        model = DistributedDataParallel(eval_model, device_ids=[ctx.local_rank] if ctx.device_type == "cuda" else None,
+                                        broadcast_buffers=False)
     optimizer = make_optimizer(raw_model, args, ctx.device_type)
     # loss scaling is needed for float16 only; bfloat16 has float32's range
     scaler = torch.amp.GradScaler(ctx.device_type, enabled=dtype == torch.float16)
 
-    sampler, loader = make_loader(train_set, args, ctx, group_by_length)
-    micro_per_epoch = len(loader)
-    steps_per_epoch = math.ceil(micro_per_epoch / args.accumulation_steps)
+    batches_per_epoch, epoch_loader = make_loader(train_set, args, ctx, group_by_length)
+    if batches_per_epoch == 0:
+        raise TrainingError(f"{args.data_path}: {len(train_set)} samples are too few for {ctx.world_size} process(es)")
+    steps_per_epoch = math.ceil(batches_per_epoch / args.accumulation_steps)
     total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
-    n_params = sum(p.numel() for p in {id(p): p for p in raw_model.parameters()}.values())
     ctx.print(f"{n_params / 1e6:.2f}M parameters | {len(train_set)} samples, {ctx.world_size} process(es), "
               f"{steps_per_epoch} steps/epoch, {total_steps} steps | device {ctx.device}, {dtype}"
               + (", compiled" if use_compile else ""))
 
-    logger = Logger(args, ctx)
-    step, epoch = 0, 0
-    loss_accum = torch.zeros((), device=ctx.device)
-    tokens_accum = torch.zeros((), device=ctx.device)
-    steps_since_log, t_log, t_start = 0, time.time(), time.time()
-    while step < total_steps:
-        sampler.set_epoch(epoch)
-        for micro, (X, Y, loss_mask) in enumerate(loader):
+    step, epoch, start_batch, run_id = 0, 0, 0, None
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"][ctx.rank])
+        step, epoch, start_batch, run_id = state["step"], state["epoch"], state["batch_in_epoch"], state["run_id"]
+        ctx.print(f"resumed from {last_checkpoint}: step {step}, epoch {epoch + 1}, batch {start_batch}")
+        del state
+
+    def save_checkpoint_now(epoch, batch_in_epoch):
+        rng = ctx.gather(rng_state())
+        if ctx.is_master:
+            path = checkpoint_path(args.out_dir, step)
+            t0 = time.time()
+            save_checkpoint(path, {
+                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": rng,
+                "config": raw_model.config.to_dict(), "tokenizer_sha256": tokenizer_sha256, "run_id": logger.run_id,
+                "world_size": ctx.world_size, "args": vars(args)}, args.keep_checkpoints)
+            ctx.print(f"checkpoint {path} ({os.path.getsize(path) / 2**20:.1f} MiB, {time.time() - t0:.1f}s)")
+            return path
+        return None
+
+    logger = Logger(args, ctx, resume_step=step, run_id=run_id)
+    stop = StopRequest()
+    loss_accum = torch.zeros((), device=ctx.device)  # summed on the device: no sync per micro-step
+    window_loss = torch.zeros((), device=ctx.device)
+    tokens_seen = 0  # loss_mask lives on the host: counting it costs no sync
+    steps_since_log, t_log, t_start, start_step = 0, time.time(), time.time(), step
+    nonfinite_in_a_row, stopped_by_signal = 0, False
+    while step < total_steps and not stopped_by_signal:
+        for batch, (X, Y, loss_mask) in enumerate(epoch_loader(epoch, start_batch), start=start_batch):
             # the last window of an epoch may be shorter: scale by its real size instead of dropping it
-            window_start = micro - micro % args.accumulation_steps
-            window = min(args.accumulation_steps, micro_per_epoch - window_start)
-            last_micro = micro == window_start + window - 1
+            window_start = batch - batch % args.accumulation_steps
+            window = min(args.accumulation_steps, batches_per_epoch - window_start)
+            last_micro = batch == window_start + window - 1
             lr = get_lr(step, total_steps, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -315,47 +423,127 @@ def train(args, model, train_set, val_set, ctx: Dist, group_by_length=False):
                 with autocast(ctx.device_type, dtype):
                     loss = model(X, Y).loss / window
                 scaler.scale(loss).backward()
-            loss_accum += loss.detach()
-            tokens_accum += loss_mask.sum().to(ctx.device)
+            window_loss += loss.detach()
+            tokens_seen += int(loss_mask.sum())
             if not last_micro:
                 continue
 
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
             steps_since_log += 1
+            loss_accum += window_loss
+            # gradients are all-reduced, so every rank sees the same norm and takes the same branch
+            if not math.isfinite(grad_norm.item()):
+                optimizer.zero_grad(set_to_none=True)
+                overflow_only = False
+                if scaler.is_enabled():
+                    scaler.update()  # float16 overflow: lower the loss scale, as scaler.step would
+                    # the scaler finding its scale is routine; only a non-finite loss counts
+                    overflow_only = not ctx.any(not math.isfinite(window_loss.item()))
+                nonfinite_in_a_row += 0 if overflow_only else 1
+                ctx.print(f"step {step}: non-finite loss or gradient, update skipped ({nonfinite_in_a_row} in a row)")
+                logger.log({"skipped": "non-finite loss or gradient"}, step)
+                if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                    logger.close()
+                    stop.restore()
+                    raise TrainingError(f"step {step}: {nonfinite_in_a_row} non-finite steps in a row; stopping. "
+                                        f"Last good checkpoint: {last_checkpoint or 'none'} (lower --learning_rate "
+                                        "and --resume it)")
+            else:
+                nonfinite_in_a_row = 0
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+            window_loss.zero_()
 
             if step % args.log_interval == 0 or step == total_steps:
-                loss_sum, tokens = ctx.all_reduce_sum([loss_accum.item(), tokens_accum.item()])
+                loss_sum, tokens = ctx.all_reduce_sum([loss_accum.item(), tokens_seen])
                 elapsed = time.time() - t_log
                 train_loss = loss_sum / ctx.world_size / steps_since_log
                 tokens_per_s = tokens / elapsed
-                eta = (time.time() - t_start) / step * (total_steps - step)
+                eta = (time.time() - t_start) / (step - start_step) * (total_steps - step)
                 ctx.print(f"epoch {epoch + 1} | step {step}/{total_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
                           f"grad norm {grad_norm.item():.3f} | {tokens_per_s:,.0f} tok/s | eta {format_eta(eta)}")
                 logger.log({"loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
                             "tokens_per_s": tokens_per_s, "time": time.time() - t_start}, step)
                 loss_accum.zero_()
-                tokens_accum.zero_()
+                tokens_seen = 0
                 steps_since_log, t_log = 0, time.time()
             if val_set is not None and (step % args.eval_interval == 0 or step == total_steps):
-                val_loss = evaluate(model, val_set, args, ctx, dtype)
+                val_loss = evaluate(eval_model, val_set, args, ctx, dtype)
                 ctx.print(f"step {step} | val loss {val_loss:.4f}")
                 logger.log({"val_loss": val_loss, "time": time.time() - t_start}, step)
-            if ctx.is_master and step % args.save_interval == 0 and step < total_steps:
-                save_model(raw_model, args)
-            if step >= total_steps:
+            stopped_by_signal = ctx.any(stop.requested)
+            # the position saved is the next batch of this epoch (or the next epoch's first)
+            position = (epoch, batch + 1) if batch + 1 < batches_per_epoch else (epoch + 1, 0)
+            if stopped_by_signal or (step % args.save_interval == 0 and step < total_steps):
+                last_checkpoint = save_checkpoint_now(*position) or last_checkpoint
+            if step >= total_steps or stopped_by_signal:
                 break
-        epoch += 1
+        epoch, start_batch = epoch + 1, 0
 
-    if ctx.is_master:
+    stop.restore()
+    if stopped_by_signal:
+        ctx.print(f"stopped at step {step}; continue with --resume auto")
+    elif ctx.is_master:
         save_model(raw_model, args)
         ctx.print(f"saved {args.out_dir} after {step} steps in {format_eta(time.time() - t_start)}")
     logger.close()
     return raw_model
+
+
+def check_out_dir(out_dir, need_bytes, ctx: Dist):
+    """Rank 0 writes the checkpoints: it checks out_dir now, and every rank stops if it fails."""
+    from checkpoint import check_writable
+    error = None
+    if ctx.is_master:
+        try:
+            check_writable(out_dir, need_bytes)
+        except OSError as e:
+            error = str(e)
+    if ctx.any(error is not None):
+        raise OSError(error or f"{out_dir}: rank 0 cannot write checkpoints")
+
+
+def resume_state(args, ctx: Dist):
+    """(path, checkpoint) to resume from, or (None, None). Rank 0 chooses the file (--resume
+    auto looks in its --out_dir) and every rank loads that same file."""
+    from checkpoint import CheckpointError, find_checkpoint, load_checkpoint
+    if not args.resume:
+        return None, None
+    path, state, error = None, None, None
+    if ctx.is_master:
+        try:
+            path, state = find_checkpoint(args.resume, args.out_dir)
+        except CheckpointError as e:
+            error = str(e)
+    path, error = ctx.broadcast((path, error))
+    if error:
+        raise CheckpointError(error)
+    if path is None:
+        ctx.print(f"no checkpoint in {args.out_dir}: starting from scratch")
+        return None, None
+    return path, state if ctx.is_master else load_checkpoint(path)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss keeps turning NaN)."""
+
+
+def check_compatible(state, model, tokenizer_sha256, ctx: Dist, path):
+    """Refuse a checkpoint of another architecture, tokenizer or world size."""
+    from checkpoint import CheckpointError
+    from k_model import ARCH_FIELDS
+    diff = [f"{k}: checkpoint {state['config'].get(k)} vs now {getattr(model.config, k)}" for k in ARCH_FIELDS
+            if state["config"].get(k) != getattr(model.config, k)]
+    if diff:
+        raise CheckpointError(f"{path}: written for another model ({', '.join(diff)})")
+    if state["tokenizer_sha256"] != tokenizer_sha256:
+        raise CheckpointError(f"{path}: written with another tokenizer than the one in --tokenizer_path")
+    if state["world_size"] != ctx.world_size:
+        raise CheckpointError(f"{path}: written by {state['world_size']} processes, resumed with {ctx.world_size}; "
+                              "the data position is only exact with the same number")
 
 
 def model_config(args, tokenizer):
@@ -402,7 +590,17 @@ def main(argv=None):
         ctx.close()
         sys.exit(f"error: {e}")
     model = Transformer(model_config(args, tokenizer))
-    train(args, model, train_set, val_set, ctx)
+    run_training(args, model, train_set, val_set, ctx)
+
+
+def run_training(args, model, train_set, val_set, ctx: Dist, group_by_length=False):
+    """train(), with the errors a user can fix reported in one line (and a non-zero exit)."""
+    from checkpoint import CheckpointError
+    try:
+        train(args, model, train_set, val_set, ctx, group_by_length)
+    except (CheckpointError, TrainingError, OSError) as e:
+        ctx.close()
+        sys.exit(f"error: {e}")
     ctx.close()
 
 

@@ -7,10 +7,11 @@
 The model starts from a pretrained save_pretrained directory, loaded strictly: a missing or
 misshapen weight, or an architecture other than the preset's, is an error.
 """
+import os
 import sys
 
 import ddp_pretrain
-from ddp_pretrain import Dist, check_paths, load_tokenizer, parse_args, set_seed, train
+from ddp_pretrain import Dist, check_paths, load_tokenizer, parse_args, run_training, set_seed
 from jsonl import JsonlError
 
 # ---- hyperparameters: edit here; a preset overrides these, CLI flags override both ----
@@ -54,6 +55,10 @@ def main(argv=None):
 
     from dataset import SFTDataset
     from k_model import load_model
+    from pretokenize import tokenizer_fingerprint
+    if os.path.isfile(os.path.join(args.pretrained_path, "tokenizer.json")) and \
+            tokenizer_fingerprint(args.pretrained_path) != tokenizer_fingerprint(args.tokenizer_path):
+        sys.exit(f"error: {args.pretrained_path} was pretrained with another tokenizer than {args.tokenizer_path}")
     ctx = Dist(args.device)
     set_seed(args.seed)
     try:
@@ -68,8 +73,7 @@ def main(argv=None):
         ctx.close()
         sys.exit(f"error: {e}")
     ctx.print(f"loaded {args.pretrained_path}")
-    train(args, model, train_set, val_set, ctx, group_by_length=True)
-    ctx.close()
+    run_training(args, model, train_set, val_set, ctx, group_by_length=True)
 
 
 if __name__ == "__main__":

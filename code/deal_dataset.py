@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Iterable, Iterator, List
 
-from jsonl import JsonlError, atomic_writer, dump_line, read_jsonl
+from jsonl import JsonlError, atomic_writer, dump_line, read_jsonl, text_of
 from train_tokenizer import SYSTEM_PROMPT
 
 # ---- hyperparameters (CLI flags override) ----
@@ -33,17 +33,8 @@ def chunk_text(text: str, chunk_size: int = CHUNK_SIZE) -> List[str]:
     return [text[i:i + chunk_size] for i in range(0, len(text), chunk_size)]
 
 
-def parse_text_record(record) -> str:
-    text = record["text"]
-    if not isinstance(text, str):
-        raise TypeError("'text' is not a string")
-    if not text.strip():
-        raise ValueError("empty text")
-    return text.strip()
-
-
 def seq_monkey_records(src: str, chunk_size: int = CHUNK_SIZE) -> Iterator[dict]:
-    for text in read_jsonl(src, parse_text_record):
+    for text in read_jsonl(src, lambda record: text_of(record).strip()):
         for chunk in chunk_text(text, chunk_size):
             yield {"text": chunk}
 

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p data
-pip install -q modelscope "huggingface_hub[cli]"
+pip install -q modelscope huggingface_hub
 
 # seq-monkey: a .tar.bz2 holding mobvoi_seq_monkey_general_open_corpus.jsonl ({"text": ...} per line)
 modelscope download --dataset ddzhu123/seq-monkey mobvoi_seq_monkey_general_open_corpus.jsonl.tar.bz2 --local_dir data
@@ -14,7 +14,7 @@ tar -xjf data/mobvoi_seq_monkey_general_open_corpus.jsonl.tar.bz2 -C data
 
 # BelleGroup: train_3.5M_CN.json ({"conversations": [{"from": "human", "value": ...}, ...]} per line)
 # (set HF_ENDPOINT=https://hf-mirror.com where the hub is slow)
-huggingface-cli download --repo-type dataset --resume-download BelleGroup/train_3.5M_CN --local-dir data/BelleGroup
+hf download BelleGroup/train_3.5M_CN --repo-type dataset --local-dir data/BelleGroup
 
 python code/deal_dataset.py --pretrain_src data/mobvoi_seq_monkey_general_open_corpus.jsonl --pretrain_out data/pretrain.jsonl
 python code/deal_dataset.py --sft_src data/BelleGroup/train_3.5M_CN.json --sft_out data/sft.jsonl

@@ -55,6 +55,16 @@ def iter_jsonl(path: str, parse: Callable[[object], T]) -> Iterator[Tuple[int, T
         raise JsonlError(f"{path}: no usable line (expected one JSON record per line)")
 
 
+def text_of(record) -> str:
+    """The "text" of a pretraining record; raises (so the line is skipped) if it has none."""
+    text = record["text"]
+    if not isinstance(text, str):
+        raise TypeError("'text' is not a string")
+    if not text.strip():
+        raise ValueError("empty text")
+    return text
+
+
 def read_jsonl(path: str, parse: Callable[[object], T]) -> Iterator[T]:
     """Like iter_jsonl, without the offsets."""
     for _, value in iter_jsonl(path, parse):

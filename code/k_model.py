@@ -192,14 +192,20 @@ def causal_mask(n: int) -> torch.Tensor:
     return torch.full((1, 1, n, n), float("-inf")).triu(diagonal=1)
 
 
+def mlp_hidden_dim(dim: int, hidden_dim: int = None, multiple_of: int = 64) -> int:
+    """The MLP width: hidden_dim if given, else the LLaMA rule from dim."""
+    if hidden_dim is None:
+        # LLaMA: 2/3 of 4*dim keeps the parameter count of a plain 4*dim MLP
+        hidden_dim = 4 * dim
+        hidden_dim = int(2 * hidden_dim / 3)
+        hidden_dim = multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
+    return hidden_dim
+
+
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, multiple_of: int, dropout: float):
         super().__init__()
-        if hidden_dim is None:
-            # LLaMA: 2/3 of 4*dim keeps the parameter count of a plain 4*dim MLP
-            hidden_dim = 4 * dim
-            hidden_dim = int(2 * hidden_dim / 3)
-            hidden_dim = multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
+        hidden_dim = mlp_hidden_dim(dim, hidden_dim, multiple_of)
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
         self.w2 = nn.Linear(dim, hidden_dim, bias=False)  # up
         self.w3 = nn.Linear(hidden_dim, dim, bias=False)  # down
@@ -365,7 +371,7 @@ class Transformer(PreTrainedModel):
                 logits = self(sequence, attention_mask=attention_mask).logits[:, -1, :]
             next_token = sample_next_token(
                 logits, temperature, top_k, top_p, repetition_penalty, sequence, attention_mask, generator,
-                banned=stop_ids if i < min_new_tokens else None)
+                banned=stop_ids if i < min_new_tokens else None, exempt=stop_ids)
             if len(stop_ids):
                 next_token[finished] = stop_ids[0]
                 finished |= torch.isin(next_token, stop_ids)
@@ -405,10 +411,13 @@ class KVCache:
         return self.k[layer_id, :, :, :end], self.v[layer_id, :, :, :end]
 
 
-def apply_repetition_penalty(logits, context, context_mask, penalty):
+def apply_repetition_penalty(logits, context, context_mask, penalty, exempt=None):
     """Make tokens already in the context less likely (CTRL): positive logits / penalty,
-    negative ones * penalty. Padding (context_mask 0) does not count."""
+    negative ones * penalty. Padding (context_mask 0) does not count, nor the `exempt` ids
+    (the stop tokens: every chat prompt holds <|im_end|>, and answers must still end)."""
     counts = torch.zeros_like(logits).scatter_add_(1, context, context_mask.to(logits.dtype))
+    if exempt is not None and len(exempt):
+        counts[:, exempt] = 0
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(counts > 0, penalized, logits)
 
@@ -424,16 +433,17 @@ def top_p_filter(logits, p):
     sorted_logits, order = torch.sort(logits, descending=True)
     probs = F.softmax(sorted_logits, dim=-1)
     remove = probs.cumsum(-1) - probs >= p  # the tokens before this one already reach p
+    remove[:, 0] = False  # the most likely token always stays (p <= 0 would leave nothing)
     return logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
-                      context=None, context_mask=None, generator=None, banned=None):
+                      context=None, context_mask=None, generator=None, banned=None, exempt=None):
     """One token id per row from (batch, vocab) logits; greedy at temperature 0."""
     logits = logits.float()
     if repetition_penalty != 1.0 and context is not None:
         mask = context_mask if context_mask is not None else torch.ones_like(context)
-        logits = apply_repetition_penalty(logits, context, mask, repetition_penalty)
+        logits = apply_repetition_penalty(logits, context, mask, repetition_penalty, exempt)
     if banned is not None and len(banned):
         logits = logits.index_fill(1, banned, float("-inf"))
     if temperature == 0.0:

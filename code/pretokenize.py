@@ -20,7 +20,7 @@ from multiprocessing import Pool
 import numpy as np
 from tqdm import tqdm
 
-from jsonl import JsonlError, read_jsonl
+from jsonl import JsonlError, read_jsonl, text_of
 
 # ---- hyperparameters (CLI flags override) ----
 TOKENIZER_PATH = "tokenizer_k"
@@ -74,13 +74,6 @@ def encode_documents(texts):
     return np.fromiter(itertools.chain.from_iterable([bos, *doc, eos] for doc in ids), dtype=np.int64)
 
 
-def parse_text(record) -> str:
-    text = record["text"]
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError("empty or non-string text")
-    return text
-
-
 def batched(iterable, n):
     it = iter(iterable)
     while batch := list(itertools.islice(it, n)):
@@ -92,7 +85,7 @@ def pretokenize(data_path: str, tokenizer_path: str, out_path: str, num_proc: in
     from transformers import AutoTokenizer
     vocab_size = len(AutoTokenizer.from_pretrained(tokenizer_path))
     dtype = token_dtype(vocab_size)
-    tasks = batched(read_jsonl(data_path, parse_text), LINES_PER_TASK)
+    tasks = batched(read_jsonl(data_path, text_of), LINES_PER_TASK)
     tmp = f"{out_path}.tmp{os.getpid()}"
     n_tokens = n_docs = 0
     try:
@@ -130,6 +123,9 @@ def main(argv=None):
         parser.error("--out_path takes one --data_path")
     if not os.path.isfile(os.path.join(args.tokenizer_path, "tokenizer.json")):
         sys.exit(f"error: {args.tokenizer_path}: no tokenizer here (no tokenizer.json); run code/train_tokenizer.py first")
+    for path in args.data_path:
+        if not os.path.isfile(path):
+            sys.exit(f"error: {path}: file not found")
     try:
         for path in args.data_path:
             pretokenize(path, args.tokenizer_path, args.out_path or os.path.splitext(path)[0] + ".bin", args.num_proc)

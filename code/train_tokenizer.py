@@ -13,7 +13,7 @@ from typing import Iterator, List
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from jsonl import JsonlError, read_jsonl
+from jsonl import JsonlError, read_jsonl, text_of
 
 # ---- hyperparameters (CLI flags override) ----
 DATA_PATH = "data/demo_pretrain.jsonl"
@@ -47,8 +47,8 @@ CHAT_TEMPLATE = (
 def read_texts_from_jsonl(data_path: str) -> Iterator[str]:
     """Yield the text of each usable line: "text" of pretraining lines, contents of chats."""
     def extract(record):
-        if isinstance(record, dict) and isinstance(record.get("text"), str) and record["text"].strip():
-            return record["text"]
+        if isinstance(record, dict):
+            return text_of(record)
         if isinstance(record, list) and record and all(isinstance(m, dict) and isinstance(m.get("content"), str)
                                                        for m in record):
             return "\n".join(m["content"] for m in record)

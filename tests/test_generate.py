@@ -28,7 +28,11 @@ def peaky_model(vocab_size=97, max_seq_len=64, seed=0):
 @pytest.mark.parametrize("flash", [True, False])
 def test_kv_cache_greedy_equals_the_chapter_loop(flash):
     model = peaky_model()
-    model.config.flash_attn = flash
+    if not flash:  # the same weights through the manual attention path (mask buffer, repeat_kv)
+        manual = Transformer(ModelConfig(**{**model.config.to_dict(), "flash_attn": False})).eval()
+        manual.load_state_dict(model.state_dict())
+        assert not manual.layers[0].attention.flash
+        model = manual
     prompt = torch.randint(5, 97, (1, 7), generator=torch.Generator().manual_seed(1))
     cached = model.generate(prompt, max_new_tokens=40, temperature=0.0, use_kv_cache=True)
     uncached = model.generate(prompt, max_new_tokens=40, temperature=0.0, use_kv_cache=False)
@@ -98,6 +102,7 @@ def test_top_p_filter_keeps_the_smallest_set_reaching_p():
     assert (top_p_filter(logits, 0.75) > float("-inf")).tolist() == [[False, True, False, True]]
     assert (top_p_filter(logits, 0.9) > float("-inf")).tolist() == [[False, True, True, True]]
     assert (top_p_filter(logits, 1.0) > float("-inf")).all()
+    assert (top_p_filter(logits, 0.0) > float("-inf")).tolist() == [[False, True, False, False]]  # never empty
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
@@ -106,6 +111,9 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
     mask = torch.tensor([[1, 1, 0]])  # token 3 is padding here: not penalized
     out = apply_repetition_penalty(logits, context, mask, 2.0)
     assert out.tolist() == [[1.0, -2.0, 0.5, 3.0]]
+    # stop tokens are exempt: a chat prompt is full of <|im_end|>, and the answer must still end
+    exempt = apply_repetition_penalty(logits, context, mask, 2.0, exempt=torch.tensor([0]))
+    assert exempt.tolist() == [[2.0, -2.0, 0.5, 3.0]]
     # greedy sampling sees it: token 0 (2.0 -> 0.4 with penalty 5) loses to token 2 (0.5)
     assert sample_next_token(torch.tensor([[2.0, -1.0, 0.5]]), 0.0, repetition_penalty=5.0,
                              context=torch.tensor([[0]])).tolist() == [2]

@@ -50,6 +50,13 @@ def test_pretokenize_refuses_unusable_input_and_keeps_the_old_file(tokenizer_dir
     assert out.read_bytes() == b"old" and not list(tmp_path.glob("*.tmp*"))
 
 
+def test_pretokenize_names_a_missing_file(tokenizer_dir, tmp_path):
+    import pretokenize
+    with pytest.raises(SystemExit) as info:
+        pretokenize.main(["--data_path", str(tmp_path / "nope.jsonl"), "--tokenizer_path", tokenizer_dir])
+    assert info.value.code == f"error: {tmp_path / 'nope.jsonl'}: file not found"
+
+
 def test_packed_windows_cover_the_stream_once_and_split_across_ranks(token_file, tokenizer_dir):
     from dataset import PackedDataset
     path, meta = token_file
@@ -65,11 +72,13 @@ def test_packed_windows_cover_the_stream_once_and_split_across_ranks(token_file,
     # the trainer's sampler: each rank its own windows, the same ones for the same seed
     from ddp_pretrain import make_loader
     args = argparse.Namespace(num_workers=0, batch_size=1, seed=3)
-    shards = [list(make_loader(ds, args, SimpleNamespace(rank=r, world_size=2, device_type="cpu"), False)[0])
-              for r in (0, 1)]
+    def shard(rank):
+        _, epoch_loader = make_loader(ds, args, SimpleNamespace(rank=rank, world_size=2, device_type="cpu"), False)
+        return list(epoch_loader(0).sampler)
+    shards = [shard(0), shard(1)]
     assert not set(shards[0]) & set(shards[1])
     assert len(set(shards[0]) | set(shards[1])) == len(ds) // 2 * 2  # an odd window out is dropped, not repeated
-    assert shards[0] == list(make_loader(ds, args, SimpleNamespace(rank=0, world_size=2, device_type="cpu"), False)[0])
+    assert shards[0] == shard(0)
 
 
 def test_packed_dataset_refuses_other_tokenizer_and_truncated_file(token_file, tmp_path, tokenizer_dir):

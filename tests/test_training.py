@@ -177,6 +177,15 @@ def test_sft_refuses_a_checkpoint_of_another_architecture(tokenizer_dir, pretrai
     message = exit_message(ddp_sft.main, argv[:5] + [str(tmp_path / "missing")] + argv[6:])
     assert str(tmp_path / "missing") in message and "config.json" in message
 
+    import shutil
+    other = tmp_path / "other_tokenizer"  # same vocabulary size, different merges
+    shutil.copytree(tokenizer_dir, other)
+    spec = json.loads((other / "tokenizer.json").read_text())
+    spec["model"]["merges"] = spec["model"]["merges"][::-1]
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    message = exit_message(ddp_sft.main, argv[:3] + [str(other)] + argv[4:])
+    assert "pretrained with another tokenizer" in message
+
 
 def test_script_error_is_one_line_without_traceback(tmp_path):
     result = run_script([sys.executable, os.path.join(CODE, "ddp_pretrain.py"), "--data_path",
