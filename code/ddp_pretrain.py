@@ -53,6 +53,7 @@ DEFAULTS = dict(
     dtype="auto",                 # auto = bfloat16 on CUDA (float16 without bf16 support), float32 on CPU
     num_workers=-1,               # DataLoader workers; -1 = 4 on CUDA, 0 on CPU
     use_swanlab=False,
+    report=False,                 # write OUT_DIR/report.md at the end (loss_curve.png is always drawn)
     resume=None,                  # a checkpoint file, or "auto" = the newest in out_dir/checkpoints
     keep_checkpoints=3,           # training checkpoints kept in out_dir/checkpoints
     max_nonfinite_steps=10,       # stop after this many NaN/inf steps in a row
@@ -88,6 +89,7 @@ def build_parser(description=__doc__) -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", type=float)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the model (default: on CUDA, off on CPU)")
+    p.add_argument("--report", action="store_true", help="write OUT_DIR/report.md with losses, curve and samples")
     p.add_argument("--use_swanlab", action="store_true", help="log to swanlab in OUT_DIR/swanlog (SWANLAB_MODE: offline by default, no account needed)")
     return p
 
@@ -253,8 +255,12 @@ class Logger:
 
 
 def save_model(model, args):
-    """save_pretrained into out_dir (rank 0 only), with the tokenizer files beside the weights."""
+    """save_pretrained into out_dir (rank 0 only), with the tokenizer files beside the weights.
+    A LoRA model saves its adapter to out_dir/adapter, then merges it into the full model."""
     os.makedirs(args.out_dir, exist_ok=True)
+    if hasattr(model, "merge_and_unload"):  # a PEFT model: the end of training, so merging in place is fine
+        model.save_pretrained(os.path.join(args.out_dir, "adapter"))
+        model = model.merge_and_unload()
     model.save_pretrained(args.out_dir)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         src = os.path.join(args.tokenizer_path, name)
@@ -355,7 +361,7 @@ def train(args, model, train_set, val_set, ctx: Dist, group_by_length=False):
     last_checkpoint, state = resume_state(args, ctx)
     if state is not None:
         check_compatible(state, raw_model, tokenizer_sha256, ctx, last_checkpoint)
-        raw_model.load_state_dict(state["model"])  # strict: every key must fit
+        load_weights(raw_model, state["model"], last_checkpoint)
     use_compile = args.compile if args.compile is not None else ctx.device_type == "cuda"
     eval_model = torch.compile(raw_model) if use_compile else raw_model
     model = eval_model
@@ -490,7 +496,24 @@ def train(args, model, train_set, val_set, ctx: Dist, group_by_length=False):
         save_model(raw_model, args)
         ctx.print(f"saved {args.out_dir} after {step} steps in {format_eta(time.time() - t_start)}")
     logger.close()
+    if ctx.is_master:
+        from report import plot_losses
+        plot_losses(args.out_dir)
     return raw_model
+
+
+def load_weights(model, weights: dict, path: str):
+    """Strict load: a missing, unexpected or misshapen weight is an error naming the keys."""
+    from checkpoint import CheckpointError
+    missing = sorted(model.state_dict().keys() - weights.keys())
+    unexpected = sorted(weights.keys() - model.state_dict().keys())
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not fit the model (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]})")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the model ({str(e).splitlines()[-1].strip()})") from e
 
 
 def check_out_dir(out_dir, need_bytes, ctx: Dist):
@@ -593,8 +616,9 @@ def main(argv=None):
     run_training(args, model, train_set, val_set, ctx)
 
 
-def run_training(args, model, train_set, val_set, ctx: Dist, group_by_length=False):
-    """train(), with the errors a user can fix reported in one line (and a non-zero exit)."""
+def run_training(args, model, train_set, val_set, ctx: Dist, group_by_length=False, sample_mode="pretrain"):
+    """train(), with the errors a user can fix reported in one line (and a non-zero exit), then
+    the report if asked for (samples: "pretrain" continuations or "chat" answers)."""
     from checkpoint import CheckpointError
     try:
         train(args, model, train_set, val_set, ctx, group_by_length)
@@ -602,6 +626,15 @@ def run_training(args, model, train_set, val_set, ctx: Dist, group_by_length=Fal
         ctx.close()
         sys.exit(f"error: {e}")
     ctx.close()
+    if args.report and ctx.is_master and os.path.isfile(os.path.join(args.out_dir, "config.json")):
+        from model_sample import CHAT_PROMPTS, PRETRAIN_STARTS, TextGenerator
+        from report import write_report
+        generator = TextGenerator(args.out_dir, device=ctx.device)
+        if sample_mode == "chat":
+            samples = [f"user: {p}\nassistant: {generator.chat(p, max_new_tokens=60)}" for p in CHAT_PROMPTS[:5]]
+        else:
+            samples = [f"{s}{generator.pretrain_sample(s, max_new_tokens=60)}" for s in PRETRAIN_STARTS[:3]]
+        write_report(os.path.join(args.out_dir, "report.md"), [args.out_dir], samples="\n\n".join(samples))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,10 @@ DEFAULTS = dict(
     batch_size=8,
     learning_rate=1e-5,
     warmup_iters=100,
+    lora_rank=0,              # > 0: train LoRA adapters of this rank (PEFT) instead of every weight
+    lora_alpha=16,
+    lora_dropout=0.05,
+    lora_targets="wq,wk,wv,wo,w1,w2,w3",  # the Linear layers that get adapters
 )
 # same architectures as pretraining, with fine-tuning hyperparameters
 PRESETS = {
@@ -43,9 +47,22 @@ def requested_architecture(args, tokenizer) -> dict:
     return {**fields, "vocab_size": len(tokenizer)}
 
 
+def add_lora(model, args):
+    """Freeze the model and add LoRA adapters with PEFT (save_model keeps the adapter on its own
+    in OUT_DIR/adapter and the merged model in OUT_DIR)."""
+    from peft import LoraConfig, get_peft_model
+    config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=[t.strip() for t in args.lora_targets.split(",")], bias="none")
+    return get_peft_model(model, config)
+
+
 def main(argv=None):
     parser = ddp_pretrain.build_parser(__doc__)
     parser.add_argument("--pretrained_path")
+    parser.add_argument("--lora_rank", type=int, help="LoRA rank; 0 = full fine-tuning")
+    parser.add_argument("--lora_alpha", type=float)
+    parser.add_argument("--lora_dropout", type=float)
+    parser.add_argument("--lora_targets", help="comma-separated module names")
     args = parse_args(argv, parser, DEFAULTS, PRESETS)
     try:
         check_paths(args)
@@ -73,7 +90,11 @@ def main(argv=None):
         ctx.close()
         sys.exit(f"error: {e}")
     ctx.print(f"loaded {args.pretrained_path}")
-    run_training(args, model, train_set, val_set, ctx, group_by_length=True)
+    if args.lora_rank > 0:
+        model = add_lora(model, args)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        ctx.print(f"LoRA rank {args.lora_rank} on {args.lora_targets}: {trainable:,} trainable parameters")
+    run_training(args, model, train_set, val_set, ctx, group_by_length=True, sample_mode="chat")
 
 
 if __name__ == "__main__":

@@ -165,19 +165,21 @@ class Attention(nn.Module):
         xq, xk, xv = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)
         if kv_cache is not None:  # attend to every earlier position, computed once
             xk, xv = kv_cache.update(self.layer_id, xk, xv)
+        # no mask: causal when the keys are these tokens; a single new token after a cache sees them all
+        causal = mask is None and xk.shape[2] == seqlen
         if self.flash:
             # enable_gqa: SDPA lets each key/value head serve n_rep query heads without copying them
             output = F.scaled_dot_product_attention(
                 xq, xk, xv, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-                is_causal=mask is None, enable_gqa=self.n_rep > 1)
+                is_causal=causal, enable_gqa=self.n_rep > 1)
         else:
             # GQA: each key/value head serves n_rep query heads
             xk = repeat_kv(xk.transpose(1, 2), self.n_rep).transpose(1, 2)
             xv = repeat_kv(xv.transpose(1, 2), self.n_rep).transpose(1, 2)
             scores = torch.matmul(xq, xk.transpose(2, 3)) / math.sqrt(self.head_dim)
-            if mask is None:
+            if causal:
                 scores = scores + self.mask[:, :, :seqlen, :seqlen]
-            else:
+            elif mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
             scores = F.softmax(scores.float(), dim=-1).type_as(xq)
             scores = self.attn_dropout(scores)
@@ -308,8 +310,9 @@ class Transformer(PreTrainedModel):
         if past + seqlen > self.args.max_seq_len:
             raise ValueError(f"sequence of {past + seqlen} tokens is longer than max_seq_len={self.args.max_seq_len}")
         h = self.dropout(self.tok_embeddings(tokens))
-        if kv_cache is None and attention_mask is None:
-            freqs_cos, freqs_sin, mask = self.freqs_cos[:seqlen], self.freqs_sin[:seqlen], None
+        if attention_mask is None and (past == 0 or seqlen == 1):
+            # no padding: causal over these tokens, or one new token that sees the whole cache
+            freqs_cos, freqs_sin, mask = self.freqs_cos[past:past + seqlen], self.freqs_sin[past:past + seqlen], None
         else:
             if attention_mask is None:
                 attention_mask = torch.ones(_bsz, past + seqlen, dtype=torch.long, device=tokens.device)
@@ -360,15 +363,17 @@ class Transformer(PreTrainedModel):
                                 dtype=torch.long, device=idx.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(idx)
+        padded = not bool(attention_mask.all())  # without padding the model needs no mask at all
         generator = torch.Generator(device=idx.device).manual_seed(seed) if seed is not None else None
         kv_cache = KVCache(self.args, batch, idx.device, self.dtype) if use_kv_cache else None
         finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)
         sequence, step_input = idx, idx
         for i in range(max_new_tokens):
+            mask = attention_mask if padded else None
             if kv_cache is not None:  # only the tokens the cache has not seen
-                logits = self(step_input, kv_cache=kv_cache, attention_mask=attention_mask).logits[:, -1, :]
+                logits = self(step_input, kv_cache=kv_cache, attention_mask=mask).logits[:, -1, :]
             else:
-                logits = self(sequence, attention_mask=attention_mask).logits[:, -1, :]
+                logits = self(sequence, attention_mask=mask).logits[:, -1, :]
             next_token = sample_next_token(
                 logits, temperature, top_k, top_p, repetition_penalty, sequence, attention_mask, generator,
                 banned=stop_ids if i < min_new_tokens else None, exempt=stop_ids)

@@ -26,8 +26,13 @@ stage "4. pretrain" python code/ddp_pretrain.py --preset demo \
 stage "5. SFT" python code/ddp_sft.py --preset demo \
   --data_path data/demo_sft.jsonl --val_data_path data/demo_sft_val.jsonl \
   --pretrained_path output/pretrain --out_dir output/sft
-stage "6. pretrain samples" python code/model_sample.py --mode pretrain --checkpoint output/pretrain --max_new_tokens 60
-stage "7. chat" python code/model_sample.py --mode chat --checkpoint output/sft --max_new_tokens 60
+samples() {  # the samples go to the terminal and into the report
+  python code/model_sample.py --mode pretrain --checkpoint output/pretrain --max_new_tokens 60
+  python code/model_sample.py --mode chat --checkpoint output/sft --max_new_tokens 60
+}
+stage "6. samples and chat" eval 'samples | tee output/samples.txt'
 
 echo; echo "==== wall time per stage"
-printf '  %s\n' "${TIMES[@]}"
+printf '  %s\n' "${TIMES[@]}" | tee output/stage_times.txt
+python code/report.py --out output/report.md --runs output/pretrain output/sft \
+  --stage_times output/stage_times.txt --samples output/samples.txt

@@ -131,6 +131,21 @@ def test_resume_refuses_another_model_or_tokenizer(tokenizer_dir, data, tmp_path
     assert "another tokenizer" in info.value.code
 
 
+def test_resume_refuses_weights_that_do_not_fit(tokenizer_dir, data, tmp_path):
+    from checkpoint import list_checkpoints
+    out = tmp_path / "out"
+    argv = pretrain_argv(tokenizer_dir, data, out, "--max_steps", "6", "--save_interval", "3")
+    run_main(argv)
+    path = list_checkpoints(str(out))[0]
+    state = torch.load(path, weights_only=False)
+    state["model"]["extra.weight"] = state["model"].pop("norm.weight")
+    torch.save(state, path)
+    with pytest.raises(SystemExit) as info:
+        run_main(argv + ["--resume", path])
+    assert "weights do not fit" in info.value.code and "norm.weight" in info.value.code
+    assert "extra.weight" in info.value.code
+
+
 def test_one_nan_loss_skips_exactly_one_step(tokenizer_dir, data, tmp_path, monkeypatch, capsys):
     import k_model
     real_loss, calls = k_model.masked_cross_entropy, []
