@@ -1,6 +1,7 @@
 """Export a Tiny-K model as a standard Hugging Face Llama, and import one back.
 
     python code/export_model.py --checkpoint output/sft --tokenizer_path tokenizer_k --save_dir output/hf
+    python code/export_model.py --checkpoint output/pretrain/checkpoints/step_00000500.pt --tokenizer_path tokenizer_k
     python code/export_model.py --to_tiny_k --checkpoint output/hf --save_dir output/from_hf
 
 The export is a LlamaForCausalLM directory (config.json, model.safetensors, the tokenizer with
@@ -63,19 +64,22 @@ def name_map(n_layers: int):
     return names + [pair for i in range(n_layers) for pair in layer_names(i)]
 
 
+def remap(weights: dict, name_pairs, permute, n_heads: int, n_kv_heads: int) -> dict:
+    """{new name: weights[old name]} for each (old, new) pair, q/k projection rows reordered by permute."""
+    heads = {"wq": n_heads, "q_proj": n_heads, "wk": n_kv_heads, "k_proj": n_kv_heads}
+    out = {}
+    for src, dst in name_pairs:
+        kind = src.split(".")[-2]  # "wq", "q_proj", ...
+        out[dst] = (permute(weights[src], heads[kind]) if kind in heads else weights[src]).clone()
+    return out
+
+
 def to_llama(model: Transformer, tokenizer=None):
     """A LlamaForCausalLM with the same weights (q/k rows reordered for its RoPE layout)."""
     from transformers import LlamaForCausalLM
     config = model.config
-    ours = model.state_dict()
-    weights = {}
-    for tiny, hf in name_map(config.n_layers):
-        w = ours[tiny]
-        if tiny.endswith("wq.weight"):
-            w = interleaved_to_halves(w, config.n_heads)
-        elif tiny.endswith("wk.weight"):
-            w = interleaved_to_halves(w, config.n_kv_heads or config.n_heads)
-        weights[hf] = w.clone()
+    weights = remap(model.state_dict(), name_map(config.n_layers), interleaved_to_halves, config.n_heads,
+                    config.n_kv_heads or config.n_heads)
     llama = LlamaForCausalLM(llama_config(config, tokenizer))
     llama.load_state_dict(weights, strict=False)  # lm_head is tied to embed_tokens
     llama.tie_weights()
@@ -99,15 +103,8 @@ def to_tiny_k(llama) -> Transformer:
                          norm_eps=c.rms_norm_eps, max_seq_len=c.max_position_embeddings,
                          rope_theta=rope["rope_theta"], bos_token_id=c.bos_token_id, eos_token_id=eos,
                          pad_token_id=c.pad_token_id if c.pad_token_id is not None else 0)
-    theirs = llama.state_dict()
-    weights = {}
-    for tiny, hf in name_map(config.n_layers):
-        w = theirs[hf]
-        if tiny.endswith("wq.weight"):
-            w = halves_to_interleaved(w, config.n_heads)
-        elif tiny.endswith("wk.weight"):
-            w = halves_to_interleaved(w, config.n_kv_heads)
-        weights[tiny] = w.clone()
+    weights = remap(llama.state_dict(), [(hf, tiny) for tiny, hf in name_map(config.n_layers)],
+                    halves_to_interleaved, config.n_heads, config.n_kv_heads)
     model = Transformer(config)
     model.load_state_dict(weights, strict=False)  # output.weight is tied to tok_embeddings
     model.tie_weights()
@@ -122,9 +119,23 @@ def check_all_set(model, weights):
         raise ValueError(f"weights with no counterpart: {left[:5]}")
 
 
+def load_tiny_k(checkpoint: str) -> Transformer:
+    """A save_pretrained directory, or a training checkpoint file (out_dir/checkpoints/step_N.pt),
+    which carries its config beside the weights."""
+    if os.path.isdir(checkpoint):
+        return load_model(checkpoint)
+    from checkpoint import load_checkpoint
+    from ddp_pretrain import load_weights
+    state = load_checkpoint(checkpoint)
+    config = {k: v for k, v in state["config"].items() if k in ModelConfig().to_dict()}
+    model = Transformer(ModelConfig(**config))
+    load_weights(model, state["model"], checkpoint)
+    return model
+
+
 def export(checkpoint: str, tokenizer_path: str, save_dir: str):
     from transformers import AutoTokenizer, GenerationConfig
-    model = load_model(checkpoint)
+    model = load_tiny_k(checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     llama = to_llama(model, tokenizer)
     llama.save_pretrained(save_dir)  # config.json + model.safetensors
@@ -150,8 +161,8 @@ def import_llama(checkpoint: str, save_dir: str):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default="output/sft", help="a Tiny-K save_pretrained directory (or, "
-                                                                   "with --to_tiny_k, a Hugging Face Llama one)")
+    parser.add_argument("--checkpoint", default="output/sft", help="a Tiny-K save_pretrained directory or training "
+                        "checkpoint file (with --to_tiny_k: a Hugging Face Llama directory)")
     parser.add_argument("--tokenizer_path", default=None, help="default: the tokenizer saved in --checkpoint")
     parser.add_argument("--save_dir", default="output/hf")
     parser.add_argument("--to_tiny_k", action="store_true", help="import a Hugging Face Llama instead")
@@ -161,7 +172,7 @@ def main(argv=None):
             import_llama(args.checkpoint, args.save_dir)
         else:
             export(args.checkpoint, args.tokenizer_path or args.checkpoint, args.save_dir)
-    except (FileNotFoundError, ValueError, OSError) as e:
+    except (FileNotFoundError, ValueError, OSError) as e:  # CheckpointError is a ValueError
         sys.exit(f"error: {e}")
 
 

@@ -75,10 +75,10 @@ def write_report(path: str, runs, stage_times: str = "", samples: str = "") -> N
     report_dir = os.path.dirname(os.path.abspath(path))
     parts = ["# Tiny-K run report", "", f"Machine: {machine()}", ""]
     if stage_times:
-        parts += ["## Wall time per stage", "", "```", stage_times.strip(), "```", ""]
+        parts += ["## Wall time per stage", "", "```", stage_times.strip("\n"), "```", ""]
     parts += ["## Training runs", ""] + [run_summary(r, report_dir) + "\n" for r in runs]
     if samples:
-        parts += ["## Samples", "", "```", samples.strip(), "```", ""]
+        parts += ["## Samples", "", "```", samples.strip("\n"), "```", ""]
     os.makedirs(report_dir, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(parts))

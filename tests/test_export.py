@@ -100,3 +100,21 @@ def test_exported_tokenizer_renders_the_chat_and_generation_stops_at_im_end(tiny
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     out = model.generate(**ids, max_new_tokens=20, do_sample=False)
     assert out[0, -1].item() == im_end and out.shape[1] == ids["input_ids"].shape[1] + 1
+
+
+def test_a_training_checkpoint_file_exports_too(tiny_k_dir, tmp_path):
+    import export_model
+    from k_model import load_model
+    model = load_model(tiny_k_dir)
+    path = tmp_path / "step_00000001.pt"
+    torch.save({"model": model.state_dict(), "optimizer": {}, "scaler": {}, "step": 1, "epoch": 0,
+                "batch_in_epoch": 1, "rng": [], "config": model.config.to_dict(), "tokenizer_sha256": "",
+                "world_size": 1}, path)
+    export_model.main(["--checkpoint", str(path), "--tokenizer_path", tiny_k_dir, "--save_dir", str(tmp_path / "hf")])
+    export_model.main(["--to_tiny_k", "--checkpoint", str(tmp_path / "hf"), "--save_dir", str(tmp_path / "back")])
+    back = load_model(str(tmp_path / "back")).state_dict()
+    assert all(torch.equal(v, back[k]) for k, v in model.state_dict().items())
+    with pytest.raises(SystemExit, match="unreadable checkpoint"):
+        (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+        export_model.main(["--checkpoint", str(tmp_path / "bad.pt"), "--tokenizer_path", tiny_k_dir,
+                           "--save_dir", str(tmp_path / "hf2")])
