@@ -40,8 +40,6 @@ class JsonlDataset(Dataset):
         self.max_length = max_length
         self.padding = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.offsets = np.fromiter((offset for offset, _ in iter_jsonl(data_path, parse)), dtype=np.int64)
-        # bytes per record (up to the next usable line): a free proxy for its token count
-        self.approx_lengths = np.diff(self.offsets, append=os.path.getsize(data_path))
         self._file, self._file_pid = None, None
 
     def __len__(self):
@@ -150,45 +148,6 @@ class PackedDataset(Dataset):
         start = index * self.max_length
         chunk = torch.from_numpy(self.tokens[start:start + self.max_length + 1].astype(np.int64))
         return chunk[:-1], chunk[1:], torch.ones(self.max_length, dtype=torch.int64)
-
-
-class LengthGroupedBatchSampler:
-    """Batches of samples of similar length, in random order, each rank taking its own batches.
-
-    Shuffle, cut into groups of `group` batches, sort each group by length, cut into batches,
-    shuffle the batches: padding to the batch's longest sample then wastes little. Every rank
-    gets the same number of batches (a few are repeated to even them out).
-    """
-
-    def __init__(self, lengths, batch_size, rank=0, world_size=1, seed=0, group=50):
-        self.lengths = np.asarray(lengths)
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.seed, self.group, self.epoch = seed, group, 0
-
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
-
-    def _all_batches(self):
-        rng = np.random.default_rng(self.seed + self.epoch)
-        order = rng.permutation(len(self.lengths))
-        batches = []
-        step = self.batch_size * self.group
-        for i in range(0, len(order), step):
-            chunk = order[i:i + step]
-            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
-            batches += [chunk[j:j + self.batch_size].tolist() for j in range(0, len(chunk), self.batch_size)]
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-        pad = -len(batches) % self.world_size  # equal count on every rank: repeat a few batches
-        batches += [batches[i % len(batches)] for i in range(pad)]
-        return batches
-
-    def __iter__(self):
-        return iter(self._all_batches()[self.rank::self.world_size])
-
-    def __len__(self):
-        step, n = self.batch_size * self.group, len(self.lengths)
-        n_batches = sum(-(-min(step, n - i) // self.batch_size) for i in range(0, n, step))
-        return -(-n_batches // self.world_size)
 
 
 def trim_padding(batch):

@@ -296,34 +296,25 @@ def evaluate(model, val_set, args, ctx: Dist, dtype) -> float:
     return loss_sum / max(n_tokens, 1.0)
 
 
-def make_loader(train_set, args, ctx: Dist, group_by_length: bool):
+def make_loader(train_set, args, ctx: Dist, trim_batches: bool):
     """(batches per epoch, epoch_loader(epoch, start_batch) -> DataLoader of this rank's batches).
 
     Each rank iterates its own shard, in an order fixed by the seed and the epoch, so a resumed
-    run starts exactly at the batch it stopped before. Chats go in batches of similar length,
-    trimmed to the longest; token windows (and the chapter's padded texts) in shuffled batches.
+    run starts exactly at the batch it stopped before. trim_batches cuts each batch of chats to
+    its longest instead of max_seq_len.
     """
-    from dataset import LengthGroupedBatchSampler, trim_padding
+    from dataset import trim_padding
     num_workers = args.num_workers if args.num_workers >= 0 else (4 if ctx.device_type == "cuda" else 0)
-    common = dict(num_workers=num_workers, pin_memory=ctx.device_type == "cuda")
-    if group_by_length:
-        sampler = LengthGroupedBatchSampler(train_set.approx_lengths, args.batch_size, ctx.rank, ctx.world_size,
-                                            args.seed)
-        n_batches = len(sampler)
-    else:
-        # drop_last: the last (< world_size) samples are dropped rather than repeated on some ranks
-        sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                     seed=args.seed, drop_last=True)
-        n_batches = math.ceil(len(sampler) / args.batch_size)
+    # drop_last: the last (< world_size) samples are dropped rather than repeated on some ranks
+    sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                 seed=args.seed, drop_last=True)
 
     def epoch_loader(epoch: int, start_batch: int = 0) -> DataLoader:
         sampler.set_epoch(epoch)
-        order = list(sampler)
-        if group_by_length:
-            return DataLoader(train_set, batch_sampler=order[start_batch:], collate_fn=trim_padding, **common)
-        return DataLoader(train_set, batch_size=args.batch_size, sampler=order[start_batch * args.batch_size:],
-                          **common)
-    return n_batches, epoch_loader
+        return DataLoader(train_set, batch_size=args.batch_size, sampler=list(sampler)[start_batch * args.batch_size:],
+                          collate_fn=trim_padding if trim_batches else None, num_workers=num_workers,
+                          pin_memory=ctx.device_type == "cuda")
+    return math.ceil(len(sampler) / args.batch_size), epoch_loader
 
 
 class StopRequest:
@@ -344,7 +335,7 @@ class StopRequest:
         print(f"received {signal.Signals(signum).name}: saving a checkpoint after this step", file=sys.stderr, flush=True)
 
 
-def train(args, model, train_set, val_set, ctx: Dist, group_by_length=False):
+def train(args, model, train_set, val_set, ctx: Dist, trim_batches=False):
     """The loop shared by pretraining and SFT: AdamW, cosine LR, accumulation, clipping, eval,
     checkpoints, resume, and the final save_pretrained."""
     from checkpoint import checkpoint_path, rng_state, save_checkpoint, set_rng_state
@@ -373,7 +364,7 @@ def train(args, model, train_set, val_set, ctx: Dist, group_by_length=False):
     # loss scaling is needed for float16 only; bfloat16 has float32's range
     scaler = torch.amp.GradScaler(ctx.device_type, enabled=dtype == torch.float16)
 
-    batches_per_epoch, epoch_loader = make_loader(train_set, args, ctx, group_by_length)
+    batches_per_epoch, epoch_loader = make_loader(train_set, args, ctx, trim_batches)
     if batches_per_epoch == 0:
         raise TrainingError(f"{args.data_path}: {len(train_set)} samples are too few for {ctx.world_size} process(es)")
     steps_per_epoch = math.ceil(batches_per_epoch / args.accumulation_steps)
@@ -616,12 +607,12 @@ def main(argv=None):
     run_training(args, model, train_set, val_set, ctx)
 
 
-def run_training(args, model, train_set, val_set, ctx: Dist, group_by_length=False, sample_mode="pretrain"):
+def run_training(args, model, train_set, val_set, ctx: Dist, trim_batches=False, sample_mode="pretrain"):
     """train(), with the errors a user can fix reported in one line (and a non-zero exit), then
     the report if asked for (samples: "pretrain" continuations or "chat" answers)."""
     from checkpoint import CheckpointError
     try:
-        train(args, model, train_set, val_set, ctx, group_by_length)
+        train(args, model, train_set, val_set, ctx, trim_batches)
     except (CheckpointError, TrainingError, OSError) as e:
         ctx.close()
         sys.exit(f"error: {e}")

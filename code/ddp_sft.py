@@ -94,7 +94,8 @@ def main(argv=None):
         model = add_lora(model, args)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         ctx.print(f"LoRA rank {args.lora_rank} on {args.lora_targets}: {trainable:,} trainable parameters")
-    run_training(args, model, train_set, val_set, ctx, group_by_length=True, sample_mode="chat")
+    # random batches cut to their longest chat: grouping chats by length trained far worse on the demo
+    run_training(args, model, train_set, val_set, ctx, trim_batches=True, sample_mode="chat")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ its chat template, generation_config.json that stops at <|im_end|>) that loads w
 AutoModelForCausalLM.from_pretrained, without trust_remote_code, and gives the same logits.
 """
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -120,9 +121,15 @@ def check_all_set(model, weights):
 
 
 def load_tiny_k(checkpoint: str) -> Transformer:
-    """A save_pretrained directory, or a training checkpoint file (out_dir/checkpoints/step_N.pt),
-    which carries its config beside the weights."""
+    """A Tiny-K save_pretrained directory, an exported Hugging Face Llama directory, or a
+    training checkpoint file (out_dir/checkpoints/step_N.pt), which carries its config."""
     if os.path.isdir(checkpoint):
+        config_path = os.path.join(checkpoint, "config.json")
+        if os.path.isfile(config_path):
+            with open(config_path, encoding="utf-8") as f:
+                if json.load(f).get("model_type") == "llama":
+                    from transformers import AutoModelForCausalLM
+                    return to_tiny_k(AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32))
         return load_model(checkpoint)
     from checkpoint import load_checkpoint
     from ddp_pretrain import load_weights

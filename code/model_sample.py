@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from k_model import load_model
+from export_model import load_tiny_k
 
 # ---- hyperparameters (CLI flags override) ----
 CHECKPOINT = "output/sft"
@@ -47,11 +47,12 @@ class StreamDecoder:
 
 class TextGenerator:
     def __init__(self, checkpoint_path=CHECKPOINT, tokenizer_path=None, device="auto"):
-        """checkpoint_path: a save_pretrained directory; the tokenizer defaults to the one saved beside it."""
+        """checkpoint_path: a Tiny-K or exported Hugging Face Llama directory (or a training checkpoint
+        file, with tokenizer_path); the tokenizer defaults to the one saved beside the model."""
         from ddp_pretrain import load_tokenizer
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         # the chapter re-typed the model's dims here; the directory's config.json knows them
-        self.model = load_model(checkpoint_path).to(self.device).eval()
+        self.model = load_tiny_k(checkpoint_path).to(self.device).eval()
         self.tokenizer = load_tokenizer(tokenizer_path or checkpoint_path)
         self.im_end_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.max_seq_len = self.model.config.max_seq_len

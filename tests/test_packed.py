@@ -115,29 +115,6 @@ def test_padded_and_packed_paths_give_the_same_loss_without_padding(tokenizer, t
     assert torch.equal(loss_padded, loss_packed)
 
 
-def test_length_grouped_batches_cover_every_sample_with_little_padding():
-    from dataset import LengthGroupedBatchSampler
-    rng = np.random.default_rng(0)
-    lengths = rng.integers(5, 200, size=203)
-    samplers = [LengthGroupedBatchSampler(lengths, batch_size=8, rank=r, world_size=2, seed=1, group=5)
-                for r in (0, 1)]
-    batches = [list(s) for s in samplers]
-    assert len(batches[0]) == len(batches[1]) == len(samplers[0])
-    seen = [i for rank in batches for batch in rank for i in batch]
-    assert set(seen) == set(range(len(lengths)))
-    assert len(seen) - len(lengths) < 8  # only the batch that evens out the ranks repeats samples
-
-    def padding_fraction(all_batches):
-        padded = sum(len(b) * max(lengths[b]) for b in all_batches)
-        return 1 - sum(lengths[i] for b in all_batches for i in b) / padded
-    random_batches = [list(rng.permutation(len(lengths))[i:i + 8]) for i in range(0, len(lengths), 8)]
-    assert padding_fraction(batches[0] + batches[1]) < 0.5 * padding_fraction(random_batches)
-
-    assert list(samplers[0]) == batches[0]  # deterministic for an epoch
-    samplers[0].set_epoch(1)
-    assert list(samplers[0]) != batches[0]  # reshuffled for the next
-
-
 def test_trimmed_sft_batch_has_the_same_loss(tokenizer, tmp_path):
     from dataset import SFTDataset, trim_padding
     from k_model import ModelConfig, Transformer

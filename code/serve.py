@@ -1,0 +1,256 @@
+"""Serve a model over an OpenAI-compatible HTTP API, with a chat page at /.
+
+    python code/serve.py --model output/sft                 # http://127.0.0.1:8000
+    curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \
+        -d '{"messages": [{"role": "user", "content": "你好"}], "stream": false}'
+
+Endpoints: POST /v1/chat/completions (streaming with "stream": true, as server-sent events),
+POST /v1/completions (plain continuation), GET /v1/models, GET /health, GET / (the page).
+One request generates at a time; up to --max_queue wait, and more are answered 503.
+"""
+import argparse
+import asyncio
+import json
+import os
+import sys
+import threading
+import time
+import uuid
+from typing import List, Literal, Optional, Union
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+# ---- hyperparameters (CLI flags override) ----
+HOST = "127.0.0.1"          # only this machine; --host 0.0.0.0 to serve a network
+PORT = 8000
+MAX_QUEUE = 16              # requests waiting for the model; more get 503
+MAX_TOKENS_LIMIT = 1024     # the most a request may ask for
+MAX_BODY_BYTES = 1 << 20    # larger requests get 413
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, code: str = None, param: str = None, kind="invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.kind = status, message, code, param, kind
+
+
+def error_response(status, message, code=None, param=None, kind="invalid_request_error"):
+    """The OpenAI error shape."""
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param,
+                                                               "code": code}})
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class Sampling(BaseModel):
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    top_k: int = Field(50, ge=0)
+    max_tokens: int = Field(256, ge=1, le=MAX_TOKENS_LIMIT)
+    stop: Optional[Union[str, List[str]]] = None
+    seed: Optional[int] = None
+    stream: bool = False
+    model: Optional[str] = None
+
+
+class ChatRequest(Sampling):
+    messages: List[Message] = Field(min_length=1)
+
+
+class CompletionRequest(Sampling):
+    prompt: str = Field(min_length=1)
+
+
+class ModelWorker:
+    """Runs one generation at a time on a thread, so the event loop stays free to stream."""
+
+    def __init__(self, generator, max_queue: int):
+        self.generator, self.max_queue = generator, max_queue
+        self.lock = threading.Lock()
+        self.waiting = 0
+
+    def admit(self):
+        if self.waiting >= self.max_queue:
+            raise APIError(503, f"the server is busy ({self.waiting} requests waiting); try again later",
+                           code="server_busy", kind="server_error")
+        self.waiting += 1
+
+    def stream(self, input_ids, stop_id, sampling: Sampling, loop, queue, cancel: threading.Event):
+        """Thread body: push (text piece, None) per token, then (None, finish_reason)."""
+        from model_sample import StreamDecoder
+        model, tokenizer = self.generator.model, self.generator.tokenizer
+        stops = [sampling.stop] if isinstance(sampling.stop, str) else (sampling.stop or [])
+        decoder, text, finish, n_tokens = StreamDecoder(tokenizer), "", "length", 0
+        try:
+            with self.lock:
+                idx = torch.tensor([input_ids], device=self.generator.device)
+                for column in model.generate_stream(
+                        idx, stop_id=stop_id, max_new_tokens=sampling.max_tokens, temperature=sampling.temperature,
+                        top_k=sampling.top_k or None, top_p=sampling.top_p, seed=sampling.seed):
+                    if cancel.is_set():  # the client went away (the page's Stop button)
+                        break
+                    n_tokens += 1
+                    piece = decoder.push(int(column[0, 0]))
+                    if stops and any(s in text + piece for s in stops):  # cut at the first stop string
+                        full = text + piece
+                        cut = min(full.index(s) for s in stops if s in full)
+                        piece, finish = full[len(text):cut], "stop"
+                    if piece:
+                        text += piece
+                        loop.call_soon_threadsafe(queue.put_nowait, (piece, None))
+                    if finish == "stop":
+                        break
+                else:
+                    limit = min(sampling.max_tokens, self.generator.max_seq_len - len(input_ids))
+                    finish = "length" if n_tokens >= limit else "stop"
+        finally:
+            self.waiting -= 1
+            loop.call_soon_threadsafe(queue.put_nowait, (None, {"finish_reason": finish, "completion_tokens": n_tokens}))
+
+    async def pieces(self, input_ids, stop_id, sampling):
+        """Async iterator of text pieces; the last item is a dict with finish_reason and token count."""
+        loop, queue, cancel = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+        threading.Thread(target=self.stream, args=(input_ids, stop_id, sampling, loop, queue, cancel),
+                         daemon=True).start()
+        try:
+            while True:
+                piece, done = await queue.get()
+                if done is not None:
+                    yield done
+                    return
+                yield piece
+        finally:
+            cancel.set()
+
+
+def create_app(model_dir: str, max_queue: int = MAX_QUEUE, device: str = "auto") -> FastAPI:
+    from model_sample import TextGenerator
+    generator = TextGenerator(model_dir, device=device)
+    worker = ModelWorker(generator, max_queue)
+    model_name = os.path.basename(os.path.normpath(model_dir))
+    app = FastAPI(title="Tiny-K", docs_url=None, redoc_url=None)
+    app.state.worker = worker
+
+    @app.exception_handler(APIError)
+    async def api_error(request, e: APIError):
+        return error_response(e.status, e.message, e.code, e.param, e.kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, e: RequestValidationError):
+        first = e.errors()[0]
+        param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
+        return error_response(400, f"{param or 'body'}: {first.get('msg')}", code="invalid_value", param=param)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+            return error_response(413, f"request body over {MAX_BODY_BYTES} bytes", code="body_too_large")
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "waiting": worker.waiting}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "tiny-k"}]}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        with open(PAGE, encoding="utf-8") as f:
+            return f.read()
+
+    async def respond(kind, input_ids, stop_id, sampling: Sampling):
+        worker.admit()
+        rid, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
+        obj = "chat.completion" if kind == "chat" else "text_completion"
+        pieces = worker.pieces(input_ids, stop_id, sampling)
+
+        def usage(done):
+            return {"prompt_tokens": len(input_ids), "completion_tokens": done["completion_tokens"],
+                    "total_tokens": len(input_ids) + done["completion_tokens"]}
+
+        def chunk(delta=None, finish=None, text=None):
+            choice = {"index": 0, "finish_reason": finish}
+            choice.update({"delta": delta or {}} if kind == "chat" else {"text": text or ""})
+            return {"id": rid, "object": obj + ".chunk" if kind == "chat" else obj, "created": created,
+                    "model": model_name, "choices": [choice]}
+
+        if sampling.stream:
+            async def events():
+                if kind == "chat":
+                    yield f"data: {json.dumps(chunk(delta={'role': 'assistant'}), ensure_ascii=False)}\n\n"
+                async for item in pieces:
+                    if isinstance(item, dict):
+                        last = chunk(finish=item["finish_reason"])
+                        last["usage"] = usage(item)
+                        yield f"data: {json.dumps(last, ensure_ascii=False)}\n\n"
+                        break
+                    body = chunk(delta={"content": item}) if kind == "chat" else chunk(text=item)
+                    yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        text, done = "", None
+        async for item in pieces:
+            if isinstance(item, dict):
+                done = item
+            else:
+                text += item
+        choice = {"index": 0, "finish_reason": done["finish_reason"]}
+        if kind == "chat":
+            choice["message"] = {"role": "assistant", "content": text.strip()}
+        else:
+            choice["text"] = text
+        return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [choice],
+                "usage": usage(done)}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest):
+        messages = [m.model_dump() for m in body.messages]
+        if messages[-1]["role"] != "user":
+            raise APIError(400, "the last message must come from the user", param="messages")
+        try:
+            input_ids = generator.chat_prompt_ids(messages[-1]["content"], messages[:-1], body.max_tokens)
+        except ValueError as e:
+            raise APIError(400, str(e), code="context_length_exceeded", param="messages")
+        return await respond("chat", input_ids, generator.im_end_id, body)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        tokenizer = generator.tokenizer
+        input_ids = [tokenizer.bos_token_id] + tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
+        if len(input_ids) >= generator.max_seq_len:
+            raise APIError(400, f"the prompt is {len(input_ids)} tokens long; this model reads at most "
+                                f"{generator.max_seq_len}", code="context_length_exceeded", param="prompt")
+        return await respond("completion", input_ids, tokenizer.eos_token_id, body)
+
+    return app
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="output/sft", help="a Tiny-K save_pretrained directory")
+    parser.add_argument("--host", default=HOST)
+    parser.add_argument("--port", type=int, default=PORT)
+    parser.add_argument("--max_queue", type=int, default=MAX_QUEUE)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    try:
+        app = create_app(args.model, args.max_queue, args.device)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    import uvicorn
+    uvicorn.run(app, host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    main()
