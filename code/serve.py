@@ -238,7 +238,7 @@ def create_app(model_dir: str, max_queue: int = MAX_QUEUE, device: str = "auto")
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="output/sft", help="a Tiny-K save_pretrained directory")
+    parser.add_argument("--model", default="output/sft", help="a Tiny-K or exported Hugging Face Llama directory")
     parser.add_argument("--host", default=HOST)
     parser.add_argument("--port", type=int, default=PORT)
     parser.add_argument("--max_queue", type=int, default=MAX_QUEUE)
