@@ -74,14 +74,16 @@ class ModelWorker:
 
     def __init__(self, generator, max_queue: int):
         self.generator, self.max_queue = generator, max_queue
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # one generation at a time
+        self.count_lock = threading.Lock()  # `waiting` changes on the event loop and on worker threads
         self.waiting = 0
 
     def admit(self):
-        if self.waiting >= self.max_queue:
-            raise APIError(503, f"the server is busy ({self.waiting} requests waiting); try again later",
-                           code="server_busy", kind="server_error")
-        self.waiting += 1
+        with self.count_lock:
+            if self.waiting >= self.max_queue:
+                raise APIError(503, f"the server is busy ({self.waiting} requests waiting); try again later",
+                               code="server_busy", kind="server_error")
+            self.waiting += 1
 
     def stream(self, input_ids, stop_id, sampling: Sampling, loop, queue, cancel: threading.Event):
         """Thread body: push (text piece, None) per token, then (None, finish_reason)."""
@@ -112,7 +114,8 @@ class ModelWorker:
                     limit = min(sampling.max_tokens, self.generator.max_seq_len - len(input_ids))
                     finish = "length" if n_tokens >= limit else "stop"
         finally:
-            self.waiting -= 1
+            with self.count_lock:
+                self.waiting -= 1
             loop.call_soon_threadsafe(queue.put_nowait, (None, {"finish_reason": finish, "completion_tokens": n_tokens}))
 
     async def pieces(self, input_ids, stop_id, sampling):
