@@ -10,7 +10,6 @@ import pytest
 import torch
 
 
-
 @pytest.fixture
 def tiny_k_dir(tokenizer, tokenizer_dir, tmp_path):
     from k_model import ModelConfig, Transformer
