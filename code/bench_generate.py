@@ -1,5 +1,6 @@
-"""Generation speed, side by side in one run: KV cache vs the chapter's no-cache loop vs
-Hugging Face LlamaForCausalLM.generate (with its cache), same model size, greedy.
+"""Generation speed, side by side in one run: KV cache (eager, and with the compiled decode
+step) vs the chapter's no-cache loop vs Hugging Face LlamaForCausalLM.generate (with its
+cache), same model size, greedy. On CUDA both models run in bf16 (fp16 without bf16).
 
     python code/bench_generate.py            # 400 new tokens at batch 1 and 8
     python code/bench_generate.py --smoke    # a few tokens, to check that it runs
@@ -13,7 +14,7 @@ import time
 import torch
 
 from bench_train import hf_llama, print_table
-from k_model import ModelConfig, Transformer
+from k_model import ModelConfig, Transformer, cast_for_inference
 
 # ---- hyperparameters (CLI flags override) ----
 NEW_TOKENS = 400
@@ -34,9 +35,9 @@ def timed(fn, device):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--new_tokens", type=int, default=NEW_TOKENS)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model and 8 tokens, to check that it runs")
+    parser.add_argument("--new_tokens", type=int, default=NEW_TOKENS, help="tokens generated per run (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto = cuda if available, else cpu (default: %(default)s)")
     args = parser.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     new_tokens = 8 if args.smoke else args.new_tokens
@@ -45,6 +46,10 @@ def main(argv=None):
     torch.manual_seed(0)
     ours = Transformer(config).to(device).eval()
     hf = hf_llama(config).to(device).eval()
+    if device.startswith("cuda"):  # what TextGenerator and serve.py run on a GPU
+        from ddp_pretrain import resolve_dtype
+        dtype = resolve_dtype("auto", "cuda")
+        ours, hf = cast_for_inference(ours, dtype), hf.to(dtype)
     hf.generation_config.pad_token_id = 0
     print(f"device {device} ({torch.get_num_threads()} threads), torch {torch.__version__} | dim {config.dim}, "
           f"{config.n_layers} layers, prompt {PROMPT_TOKENS} tokens, {new_tokens} new tokens, greedy")
@@ -54,6 +59,8 @@ def main(argv=None):
         prompt = torch.randint(5, config.vocab_size, (batch, PROMPT_TOKENS), device=device)
         runs = {
             "Tiny-K, KV cache": lambda: ours.generate(prompt, max_new_tokens=new_tokens, temperature=0.0),
+            "Tiny-K, KV cache, compiled step": lambda: ours.generate(prompt, max_new_tokens=new_tokens,
+                                                                     temperature=0.0, compile_decode=True),
             "Tiny-K, no cache (chapter)": lambda: ours.generate(prompt, max_new_tokens=new_tokens, temperature=0.0,
                                                                 use_kv_cache=False),
             "HF LlamaForCausalLM.generate": lambda: hf.generate(
@@ -62,6 +69,7 @@ def main(argv=None):
         }
         with torch.inference_mode():  # warm up both models briefly
             ours.generate(prompt, max_new_tokens=2, temperature=0.0)
+            ours.generate(prompt, max_new_tokens=4, temperature=0.0, compile_decode=True)  # compiles, once per batch size
             hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=2, do_sample=False)
         seconds = {}
         for name, fn in runs.items():

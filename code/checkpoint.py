@@ -94,6 +94,19 @@ def find_checkpoint(resume: str, out_dir: str):
     return None, None
 
 
+def load_weights(model, weights: dict, path: str):
+    """Strict load: a missing, unexpected or misshapen weight is an error naming the keys."""
+    missing = sorted(model.state_dict().keys() - weights.keys())
+    unexpected = sorted(weights.keys() - model.state_dict().keys())
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not fit the model (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]})")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the model ({str(e).splitlines()[-1].strip()})") from e
+
+
 def check_writable(out_dir: str, need_bytes: int) -> None:
     """Fail now, not after hours of training, if out_dir cannot take the checkpoints."""
     try:

@@ -150,10 +150,12 @@ class PackedDataset(Dataset):
         return chunk[:-1], chunk[1:], torch.ones(self.max_length, dtype=torch.int64)
 
 
-def trim_padding(batch):
+def trim_padding(batch, multiple: int = 1):
     """Collate (X, Y, loss_mask) samples and drop the columns after the last trained position:
-    a causal model's earlier outputs do not depend on them, so the loss is unchanged."""
+    a causal model's earlier outputs do not depend on them, so the loss is unchanged. The length
+    is rounded up to a multiple of `multiple` (a compiled model then meets only a few shapes)."""
     X, Y, loss_mask = (torch.stack(column) for column in zip(*batch))
     trained = (Y != IGNORE_INDEX).any(dim=0).nonzero()
     length = int(trained.max()) + 1 if len(trained) else 1
+    length = min(-(-length // multiple) * multiple, X.shape[1])
     return X[:, :length], Y[:, :length], loss_mask[:, :length]

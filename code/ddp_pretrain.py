@@ -9,12 +9,15 @@ optimizer step (no_sync during accumulation); rank 0 alone logs and saves. The f
 is a save_pretrained directory in --out_dir, with the tokenizer files beside it.
 """
 import argparse
+import datetime
+import functools
 import json
 import math
 import os
 import random
 import shutil
 import signal
+import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -27,6 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from jsonl import JsonlError
 from pretokenize import tokenizer_fingerprint
+from train_tokenizer import load_tokenizer
 
 # ---- hyperparameters: edit here; a preset overrides these, CLI flags override both ----
 DEFAULTS = dict(
@@ -71,6 +75,8 @@ PRESETS = {
                  batch_size=4, accumulation_steps=1, learning_rate=2e-3, warmup_iters=100,
                  max_steps=1500, log_interval=100, save_interval=500, eval_interval=500, eval_iters=50),
 }
+DDP_TIMEOUT_MINUTES = 60  # how long a rank waits in a collective before the job fails
+SFT_LENGTH_MULTIPLE_CUDA = 64  # trimmed SFT batches round up to this on CUDA: few shapes to compile
 MODEL_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "dropout")
 
 
@@ -119,12 +125,16 @@ class Dist:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda") and self.ddp:
-            device = f"cuda:{self.local_rank}"  # one GPU per process, by its rank on this node
+            # one GPU per process, by its rank on this node; modulo the visible count for jobs that
+            # show each process only its own GPU (Slurm --gpus-per-task=1, CUDA_VISIBLE_DEVICES per rank)
+            device = f"cuda:{self.local_rank % torch.cuda.device_count()}"
             torch.cuda.set_device(device)
         self.device = device
         self.device_type = "cuda" if device.startswith("cuda") else "cpu"
         if self.ddp:
-            dist.init_process_group(backend="nccl" if self.device_type == "cuda" else "gloo")
+            # a generous timeout: the other ranks wait while rank 0 saves a large checkpoint or evaluates
+            dist.init_process_group(backend="nccl" if self.device_type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(minutes=DDP_TIMEOUT_MINUTES))
         self.is_master = self.rank == 0
 
     def print(self, *args, **kwargs):
@@ -170,7 +180,8 @@ class Dist:
 def resolve_dtype(name: str, device_type: str) -> torch.dtype:
     if name == "auto":
         if device_type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # without emulation: V100/T4 (sm70/75) report bf16 "supported" but only emulate it, slowly
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         return torch.float32
     return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
             "float32": torch.float32, "fp32": torch.float32}[name]
@@ -187,13 +198,6 @@ def set_seed(seed: int):
     torch.manual_seed(seed)
 
 
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
-        raise FileNotFoundError(f"{path}: no tokenizer here (no tokenizer.json); run code/train_tokenizer.py first")
-    return AutoTokenizer.from_pretrained(path)
-
-
 def get_lr(it: int, total: int, args) -> float:
     """Linear warmup to learning_rate, then cosine decay to learning_rate * min_lr_ratio."""
     min_lr = args.learning_rate * args.min_lr_ratio
@@ -203,6 +207,12 @@ def get_lr(it: int, total: int, args) -> float:
         return min_lr
     progress = (it - args.warmup_iters) / max(1, total - args.warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.learning_rate - min_lr)
+
+
+def compile_by_default(device: str) -> bool:
+    """torch.compile where Inductor's Triton kernels run: CUDA cards of compute capability 7.0 or
+    newer (a P40 or older would crash in Inductor); off on CPU, where compiling takes longer than it saves."""
+    return device.startswith("cuda") and torch.cuda.get_device_capability(device) >= (7, 0)
 
 
 def make_optimizer(model, args, device_type):
@@ -304,6 +314,9 @@ def make_loader(train_set, args, ctx: Dist, trim_batches: bool):
     its longest instead of max_seq_len.
     """
     from dataset import trim_padding
+    # on CUDA trimmed lengths round up to a multiple of 64, so a compiled model sees a handful of shapes
+    multiple = SFT_LENGTH_MULTIPLE_CUDA if ctx.device_type == "cuda" else 1
+    collate = functools.partial(trim_padding, multiple=multiple) if trim_batches else None
     num_workers = args.num_workers if args.num_workers >= 0 else (4 if ctx.device_type == "cuda" else 0)
     # drop_last: the last (< world_size) samples are dropped rather than repeated on some ranks
     sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
@@ -312,7 +325,7 @@ def make_loader(train_set, args, ctx: Dist, trim_batches: bool):
     def epoch_loader(epoch: int, start_batch: int = 0) -> DataLoader:
         sampler.set_epoch(epoch)
         return DataLoader(train_set, batch_size=args.batch_size, sampler=list(sampler)[start_batch * args.batch_size:],
-                          collate_fn=trim_padding if trim_batches else None, num_workers=num_workers,
+                          collate_fn=collate, num_workers=num_workers,
                           pin_memory=ctx.device_type == "cuda")
     return math.ceil(len(sampler) / args.batch_size), epoch_loader
 
@@ -338,7 +351,7 @@ class StopRequest:
 def train(args, model, train_set, val_set, ctx: Dist, trim_batches=False):
     """The loop shared by pretraining and SFT: AdamW, cosine LR, accumulation, clipping, eval,
     checkpoints, resume, and the final save_pretrained."""
-    from checkpoint import checkpoint_path, rng_state, save_checkpoint, set_rng_state
+    from checkpoint import checkpoint_path, load_weights, rng_state, save_checkpoint, set_rng_state
     from k_model import count_parameters
     dtype = resolve_dtype(args.dtype, ctx.device_type)
     if ctx.device_type == "cuda":
@@ -353,13 +366,14 @@ def train(args, model, train_set, val_set, ctx: Dist, trim_batches=False):
     if state is not None:
         check_compatible(state, raw_model, tokenizer_sha256, ctx, last_checkpoint)
         load_weights(raw_model, state["model"], last_checkpoint)
-    use_compile = args.compile if args.compile is not None else ctx.device_type == "cuda"
+    use_compile = args.compile if args.compile is not None else compile_by_default(ctx.device)
     eval_model = torch.compile(raw_model) if use_compile else raw_model
     model = eval_model
     if ctx.ddp:
         # broadcast_buffers=False: the RoPE tables and masks are constants, not worth a broadcast per step
-        model = DistributedDataParallel(eval_model, device_ids=[ctx.local_rank] if ctx.device_type == "cuda" else None,
-                                        broadcast_buffers=False)
+        # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, not in a second copy
+        model = DistributedDataParallel(eval_model, device_ids=[torch.cuda.current_device()] if ctx.device_type == "cuda" else None,
+                                        broadcast_buffers=False, gradient_as_bucket_view=True)
     optimizer = make_optimizer(raw_model, args, ctx.device_type)
     # loss scaling is needed for float16 only; bfloat16 has float32's range
     scaler = torch.amp.GradScaler(ctx.device_type, enabled=dtype == torch.float16)
@@ -376,7 +390,8 @@ def train(args, model, train_set, val_set, ctx: Dist, trim_batches=False):
     step, epoch, start_batch, run_id = 0, 0, 0, None
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        if scaler.is_enabled() and state["scaler"]:  # a bf16/fp32 run saved an empty scaler state
+            scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"][ctx.rank])
         step, epoch, start_batch, run_id = state["step"], state["epoch"], state["batch_in_epoch"], state["run_id"]
         ctx.print(f"resumed from {last_checkpoint}: step {step}, epoch {epoch + 1}, batch {start_batch}")
@@ -493,20 +508,6 @@ def train(args, model, train_set, val_set, ctx: Dist, trim_batches=False):
     return raw_model
 
 
-def load_weights(model, weights: dict, path: str):
-    """Strict load: a missing, unexpected or misshapen weight is an error naming the keys."""
-    from checkpoint import CheckpointError
-    missing = sorted(model.state_dict().keys() - weights.keys())
-    unexpected = sorted(weights.keys() - model.state_dict().keys())
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not fit the model (missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]})")
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the model ({str(e).splitlines()[-1].strip()})") from e
-
-
 def check_out_dir(out_dir, need_bytes, ctx: Dist):
     """Rank 0 writes the checkpoints: it checks out_dir now, and every rank stops if it fails."""
     from checkpoint import check_writable
@@ -522,8 +523,10 @@ def check_out_dir(out_dir, need_bytes, ctx: Dist):
 
 def resume_state(args, ctx: Dist):
     """(path, checkpoint) to resume from, or (None, None). Rank 0 chooses the file (--resume
-    auto looks in its --out_dir) and every rank loads that same file."""
-    from checkpoint import CheckpointError, find_checkpoint, load_checkpoint
+    auto looks in its --out_dir); every rank loads that file ("auto": the same file name in its
+    own --out_dir). If any rank cannot read it, every rank stops with one message, at once,
+    instead of rank 0 waiting for the others until the collective timeout."""
+    from checkpoint import CHECKPOINT_DIR, CheckpointError, find_checkpoint, load_checkpoint
     if not args.resume:
         return None, None
     path, state, error = None, None, None
@@ -538,7 +541,20 @@ def resume_state(args, ctx: Dist):
     if path is None:
         ctx.print(f"no checkpoint in {args.out_dir}: starting from scratch")
         return None, None
-    return path, state if ctx.is_master else load_checkpoint(path)
+    if not ctx.is_master:
+        if args.resume == "auto":
+            path = os.path.join(args.out_dir, CHECKPOINT_DIR, os.path.basename(path))
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as e:
+            error = f"rank {ctx.rank} on {socket.gethostname()}: {e}"
+    errors = [e for e in ctx.gather(error) if e]
+    if errors:
+        raise CheckpointError(f"{len(errors)} of {ctx.world_size} processes cannot read the checkpoint that rank 0 "
+                              f"resumes from ({errors[0]}); only rank 0 writes checkpoints, so put --out_dir on "
+                              f"storage every node shares, or copy {os.path.basename(path)} into "
+                              f"OUT_DIR/{CHECKPOINT_DIR}/ on every node")
+    return path, state
 
 
 class TrainingError(RuntimeError):

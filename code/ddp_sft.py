@@ -11,8 +11,9 @@ import os
 import sys
 
 import ddp_pretrain
-from ddp_pretrain import Dist, check_paths, load_tokenizer, parse_args, run_training, set_seed
+from ddp_pretrain import Dist, check_paths, parse_args, run_training, set_seed
 from jsonl import JsonlError
+from train_tokenizer import load_tokenizer
 
 # ---- hyperparameters: edit here; a preset overrides these, CLI flags override both ----
 DEFAULTS = dict(

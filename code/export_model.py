@@ -131,8 +131,7 @@ def load_tiny_k(checkpoint: str) -> Transformer:
                     from transformers import AutoModelForCausalLM
                     return to_tiny_k(AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32))
         return load_model(checkpoint)
-    from checkpoint import load_checkpoint
-    from ddp_pretrain import load_weights
+    from checkpoint import load_checkpoint, load_weights
     state = load_checkpoint(checkpoint)
     config = {k: v for k, v in state["config"].items() if k in ModelConfig().to_dict()}
     model = Transformer(ModelConfig(**config))

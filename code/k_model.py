@@ -163,15 +163,23 @@ class Attention(nn.Module):
         xq, xk = apply_rotary_emb(xq, xk, freqs_cos, freqs_sin)
 
         xq, xk, xv = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)
+        # no mask: causal when the keys are these tokens (no cache, or an empty one); a single new
+        # token after a cache sees them all. Decided from Python facts, not from tensor shapes: a
+        # shape comparison turns symbolic under torch.compile and breaks the graph at SDPA.
+        causal = mask is None and (kv_cache is None or kv_cache.length == 0)
         if kv_cache is not None:  # attend to every earlier position, computed once
             xk, xv = kv_cache.update(self.layer_id, xk, xv)
-        # no mask: causal when the keys are these tokens; a single new token after a cache sees them all
-        causal = mask is None and xk.shape[2] == seqlen
         if self.flash:
+            gqa = self.n_rep > 1
+            if gqa and mask is not None and x.is_cuda:
+                # CUDA's fused kernels that take a mask do not take enable_gqa (it would fall back to
+                # the slow math kernel): copy each key/value head for its n_rep query heads instead
+                xk, xv = xk.repeat_interleave(self.n_rep, dim=1), xv.repeat_interleave(self.n_rep, dim=1)
+                gqa = False
             # enable_gqa: SDPA lets each key/value head serve n_rep query heads without copying them
             output = F.scaled_dot_product_attention(
                 xq, xk, xv, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-                is_causal=causal, enable_gqa=self.n_rep > 1)
+                is_causal=causal, enable_gqa=gqa)
         else:
             # GQA: each key/value head serves n_rep query heads
             xk = repeat_kv(xk.transpose(1, 2), self.n_rep).transpose(1, 2)
@@ -334,26 +342,54 @@ class Transformer(PreTrainedModel):
             loss = None
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
+    def decode_step(self, tokens: torch.Tensor, kv_cache: "StaticKVCache") -> torch.Tensor:
+        """Logits (batch, vocab) of one new token per row, written into a StaticKVCache. Every
+        shape is fixed (the cache is max_seq_len long; a mask hides what is not written yet), so
+        torch.compile captures this once and CUDA graphs can replay it (compiled_decode_step)."""
+        freqs_cos = self.freqs_cos[kv_cache.positions][:, None]  # (batch, 1, head_dim // 2): each row's position
+        freqs_sin = self.freqs_sin[kv_cache.positions][:, None]
+        kv_cache.key_mask.index_fill_(1, kv_cache.column, True)  # the new token sees itself
+        mask = kv_cache.key_mask[:, None, None, :]
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, freqs_cos, freqs_sin, kv_cache, mask)
+        logits = self.output(self.norm(h))[:, -1]
+        kv_cache.column += 1
+        kv_cache.positions += 1
+        return logits
+
+    def compiled_decode_step(self):
+        """decode_step under torch.compile, made once per model; on CUDA with CUDA graphs
+        (mode="reduce-overhead"), which replay the whole step as one launch."""
+        if getattr(self, "_compiled_decode_step", None) is None:
+            cuda = self.tok_embeddings.weight.is_cuda
+            self._compiled_decode_step = torch.compile(self.decode_step, fullgraph=True, dynamic=False,
+                                                       mode="reduce-overhead" if cuda else None)
+        return self._compiled_decode_step
+
     @torch.inference_mode()
     def generate(self, idx, stop_id=None, max_new_tokens=256, temperature=1.0, top_k=None, top_p=None,
-                 repetition_penalty=1.0, min_new_tokens=0, seed=None, attention_mask=None, use_kv_cache=True):
+                 repetition_penalty=1.0, min_new_tokens=0, seed=None, attention_mask=None, use_kv_cache=True,
+                 compile_decode=False):
         """Sample up to max_new_tokens after idx (batch, seq); return only the new tokens.
 
         temperature 0 is greedy. stop_id is a token id or a list of them; a row ends at its
         first stop token, which is not returned (rows that ended early are padded with it), and
         generation ends when every row has. min_new_tokens forbids stopping before that many.
         attention_mask (batch, seq) is 0 on left padding. use_kv_cache=False re-runs the whole
-        sequence for each token, as the chapter's loop does. The sequence never grows past
-        max_seq_len: max_new_tokens is cut to what fits.
+        sequence for each token, as the chapter's loop does. compile_decode=True runs each step
+        after the prompt through compiled_decode_step (the first call compiles it). The sequence
+        never grows past max_seq_len: max_new_tokens is cut to what fits.
         """
         columns = list(self.generate_stream(idx, stop_id, max_new_tokens, temperature, top_k, top_p,
-                                            repetition_penalty, min_new_tokens, seed, attention_mask, use_kv_cache))
+                                            repetition_penalty, min_new_tokens, seed, attention_mask, use_kv_cache,
+                                            compile_decode))
         return torch.cat(columns, dim=1) if columns else idx.new_zeros((idx.shape[0], 0))
 
     @torch.inference_mode()
     def generate_stream(self, idx, stop_id=None, max_new_tokens=256, temperature=1.0, top_k=None, top_p=None,
                         repetition_penalty=1.0, min_new_tokens=0, seed=None, attention_mask=None,
-                        use_kv_cache=True):
+                        use_kv_cache=True, compile_decode=False):
         """generate() one step at a time: yields each new (batch, 1) column of tokens."""
         batch, prompt_len = idx.shape
         if prompt_len > self.args.max_seq_len:
@@ -365,15 +401,24 @@ class Transformer(PreTrainedModel):
             attention_mask = torch.ones_like(idx)
         padded = not bool(attention_mask.all())  # without padding the model needs no mask at all
         generator = torch.Generator(device=idx.device).manual_seed(seed) if seed is not None else None
-        kv_cache = KVCache(self.args, batch, idx.device, self.dtype) if use_kv_cache else None
+        static = use_kv_cache and compile_decode
+        kv_cache = (StaticKVCache if static else KVCache)(self.args, batch, idx.device, self.dtype) \
+            if use_kv_cache else None
         finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)
         sequence, step_input = idx, idx
         for i in range(max_new_tokens):
             mask = attention_mask if padded else None
-            if kv_cache is not None:  # only the tokens the cache has not seen
+            if static and i > 0:  # the prompt ran eagerly; every later step has the same shapes
+                if idx.is_cuda:
+                    torch.compiler.cudagraph_mark_step_begin()
+                # clone: a CUDA graph's next replay overwrites its output
+                logits = self.compiled_decode_step()(step_input, kv_cache).clone()
+            elif kv_cache is not None:  # only the tokens the cache has not seen
                 logits = self(step_input, kv_cache=kv_cache, attention_mask=mask).logits[:, -1, :]
             else:
                 logits = self(sequence, attention_mask=mask).logits[:, -1, :]
+            if static and i == 0:
+                kv_cache.start_decoding(attention_mask)
             next_token = sample_next_token(
                 logits, temperature, top_k, top_p, repetition_penalty, sequence, attention_mask, generator,
                 banned=stop_ids if i < min_new_tokens else None, exempt=stop_ids)
@@ -414,6 +459,46 @@ class KVCache:
         self.k[layer_id, :, :, self.length:end] = xk
         self.v[layer_id, :, :, self.length:end] = xv
         return self.k[layer_id, :, :, :end], self.v[layer_id, :, :, :end]
+
+
+class StaticKVCache(KVCache):
+    """A KVCache whose shapes never change, for compiled decoding. The prompt fills it as usual
+    (KVCache.update); after start_decoding, each step writes one position at `column` (a tensor,
+    not a Python int that torch.compile would specialise on) and attention reads all max_seq_len
+    slots, with key_mask hiding those not written yet and the left padding."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, device=None, dtype=torch.float32):
+        super().__init__(config, batch_size, device, dtype)
+        self.decoding = False
+        self.column = torch.zeros(1, dtype=torch.long, device=device)  # the slot the next token fills
+        self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)  # each row's RoPE position
+        self.key_mask = torch.zeros(batch_size, config.max_seq_len, dtype=torch.bool, device=device)
+        for t in (self.k, self.v, self.column, self.positions, self.key_mask):
+            torch._dynamo.mark_static_address(t)  # fixed addresses: CUDA graphs may update them in place
+
+    def start_decoding(self, attention_mask: torch.Tensor):
+        """After the prompt (batch, length): mark its real tokens and where the next one goes."""
+        self.key_mask[:, :self.length] = attention_mask.bool()
+        self.column.fill_(self.length)
+        self.positions.copy_(attention_mask.long().sum(-1))  # a row's first real token is position 0
+        self.decoding = True
+
+    def update(self, layer_id: int, xk: torch.Tensor, xv: torch.Tensor):
+        if not self.decoding:
+            return super().update(layer_id, xk, xv)
+        self.k[layer_id].index_copy_(2, self.column, xk)
+        self.v[layer_id].index_copy_(2, self.column, xv)
+        return self.k[layer_id], self.v[layer_id]
+
+
+def cast_for_inference(model: "Transformer", dtype: torch.dtype) -> "Transformer":
+    """The weights (and so the KV cache) in `dtype` for generation; the RoPE tables stay in
+    float32, where apply_rotary_emb computes (rounded to bf16, far positions get wrong angles)."""
+    model.to(dtype)
+    model.freqs_cos, model.freqs_sin = precompute_freqs_cis(model.args.dim // model.args.n_heads,
+                                                            model.args.max_seq_len, model.args.rope_theta)
+    model.freqs_cos, model.freqs_sin = model.freqs_cos.to(model.device), model.freqs_sin.to(model.device)
+    return model
 
 
 def apply_repetition_penalty(logits, context, context_mask, penalty, exempt=None):

@@ -11,6 +11,7 @@ import sys
 import torch
 
 from export_model import load_tiny_k
+from k_model import cast_for_inference
 
 # ---- hyperparameters (CLI flags override) ----
 CHECKPOINT = "output/sft"
@@ -46,13 +47,19 @@ class StreamDecoder:
 
 
 class TextGenerator:
-    def __init__(self, checkpoint_path=CHECKPOINT, tokenizer_path=None, device="auto"):
+    def __init__(self, checkpoint_path=CHECKPOINT, tokenizer_path=None, device="auto", compile_decode=False):
         """checkpoint_path: a Tiny-K or exported Hugging Face Llama directory (or a training checkpoint
-        file, with tokenizer_path); the tokenizer defaults to the one saved beside the model."""
-        from ddp_pretrain import load_tokenizer
+        file, with tokenizer_path); the tokenizer defaults to the one saved beside the model.
+        On CUDA the model runs in bf16 (fp16 where the GPU lacks bf16); compile_decode compiles
+        the decode step (CUDA graphs on CUDA; the first answer waits for the compilation)."""
+        from train_tokenizer import load_tokenizer
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         # the chapter re-typed the model's dims here; the directory's config.json knows them
         self.model = load_tiny_k(checkpoint_path).to(self.device).eval()
+        if self.model.device.type == "cuda":
+            bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+            self.model = cast_for_inference(self.model, torch.bfloat16 if bf16 else torch.float16)
+        self.compile_decode = compile_decode
         self.tokenizer = load_tokenizer(tokenizer_path or checkpoint_path)
         self.im_end_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.max_seq_len = self.model.config.max_seq_len
@@ -81,7 +88,7 @@ class TextGenerator:
 
     def _sampling(self, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed):
         return dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                    repetition_penalty=repetition_penalty, seed=seed)
+                    repetition_penalty=repetition_penalty, seed=seed, compile_decode=self.compile_decode)
 
     def _generate(self, input_ids, stop_id, **sampling):
         idx = torch.tensor([input_ids], dtype=torch.long, device=self.device)
@@ -182,9 +189,11 @@ def main(argv=None):
     parser.add_argument("--repetition_penalty", type=float, default=REPETITION_PENALTY, help="1.0 = off")
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--compile_decode", action="store_true",
+                        help="torch.compile the decode step (CUDA graphs on CUDA); worth it for long answers on a GPU")
     args = parser.parse_args(argv)
     try:
-        generator = TextGenerator(args.checkpoint, args.tokenizer_path, args.device)
+        generator = TextGenerator(args.checkpoint, args.tokenizer_path, args.device, args.compile_decode)
     except (FileNotFoundError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

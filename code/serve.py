@@ -96,7 +96,8 @@ class ModelWorker:
                 idx = torch.tensor([input_ids], device=self.generator.device)
                 for column in model.generate_stream(
                         idx, stop_id=stop_id, max_new_tokens=sampling.max_tokens, temperature=sampling.temperature,
-                        top_k=sampling.top_k or None, top_p=sampling.top_p, seed=sampling.seed):
+                        top_k=sampling.top_k or None, top_p=sampling.top_p, seed=sampling.seed,
+                        compile_decode=self.generator.compile_decode):
                     if cancel.is_set():  # the client went away (the page's Stop button)
                         break
                     n_tokens += 1
@@ -134,9 +135,10 @@ class ModelWorker:
             cancel.set()
 
 
-def create_app(model_dir: str, max_queue: int = MAX_QUEUE, device: str = "auto") -> FastAPI:
+def create_app(model_dir: str, max_queue: int = MAX_QUEUE, device: str = "auto",
+               compile_decode: bool = False) -> FastAPI:
     from model_sample import TextGenerator
-    generator = TextGenerator(model_dir, device=device)
+    generator = TextGenerator(model_dir, device=device, compile_decode=compile_decode)
     worker = ModelWorker(generator, max_queue)
     model_name = os.path.basename(os.path.normpath(model_dir))
     app = FastAPI(title="Tiny-K", docs_url=None, redoc_url=None)
@@ -246,9 +248,11 @@ def main(argv=None):
     parser.add_argument("--port", type=int, default=PORT)
     parser.add_argument("--max_queue", type=int, default=MAX_QUEUE)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--compile_decode", action="store_true",
+                        help="torch.compile the decode step (CUDA graphs on CUDA); the first request waits for it")
     args = parser.parse_args(argv)
     try:
-        app = create_app(args.model, args.max_queue, args.device)
+        app = create_app(args.model, args.max_queue, args.device, args.compile_decode)
     except (FileNotFoundError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     import uvicorn

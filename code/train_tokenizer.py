@@ -115,10 +115,19 @@ def create_tokenizer_config(save_dir: str) -> None:
             json.dump(content, f, ensure_ascii=False, indent=2)
 
 
+def load_tokenizer(path: str):
+    """The tokenizer saved in `path` (tokenizer_k/, or a model directory that carries one)."""
+    from transformers import PreTrainedTokenizerFast
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        raise FileNotFoundError(f"{path}: no tokenizer here (no tokenizer.json); run code/train_tokenizer.py first")
+    # the class by name, not AutoTokenizer: in a model directory AutoTokenizer reads config.json
+    # and warns that model type 'Tiny-K' is unknown to it
+    return PreTrainedTokenizerFast.from_pretrained(path)
+
+
 def eval_tokenizer(save_dir: str) -> None:
     """Load the saved tokenizer the way the trainers do and show what it does."""
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(save_dir)
+    tokenizer = load_tokenizer(save_dir)
     print(f"vocab size: {len(tokenizer)}")
     print("special tokens:", {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS})
     messages = [{"role": "user", "content": "你好，今天天气怎么样？"},

@@ -1,0 +1,184 @@
+"""The CUDA paths, proved on CPU: one compiled graph for trimmed SFT batches, a compiled decode
+step with static shapes, the dtype and compile choices per GPU, multi-node resume without
+shared storage, fp16 resumed from bf16, bf16 generation, and imports that go one way."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import CODE, SENTENCES, write_jsonl
+from test_resume import ENV, TRAIN
+from test_training import pretrain_argv
+
+
+def graph_breaks():
+    from torch._dynamo.utils import counters
+    return sum(counters["graph_break"].values())
+
+
+def test_trimmed_batches_of_many_lengths_compile_without_graph_breaks(tiny_config):
+    """Each new length used to break the graph at SDPA (is_causal became a symbolic bool)."""
+    from torch._dynamo.testing import CompileCounter
+    from torch._dynamo.utils import counters
+    from k_model import Transformer
+    torch.manual_seed(0)
+    model = Transformer(tiny_config)
+    torch._dynamo.reset()
+    counters.clear()
+    backend = CompileCounter()  # counts the graphs Dynamo hands to the compiler
+    compiled = torch.compile(model, backend=backend)
+    for length in (16, 24, 40, 56, 64):
+        X = torch.randint(5, tiny_config.vocab_size, (2, length))
+        compiled(X, X).loss.backward()
+    assert graph_breaks() == 0
+    assert backend.frame_count <= 2  # the first length, then one dynamic-shape graph for all others
+
+
+def test_trimmed_lengths_round_up_to_the_multiple_and_keep_the_loss():
+    from dataset import trim_padding
+    from k_model import IGNORE_INDEX
+    X = torch.arange(2 * 200).view(2, 200)
+    Y = torch.full((2, 200), IGNORE_INDEX)
+    Y[0, :70] = 1
+    batch = [(X[i], Y[i], (Y[i] != IGNORE_INDEX).long()) for i in range(2)]
+    assert trim_padding(batch)[0].shape[1] == 70
+    x, y, mask = trim_padding(batch, multiple=64)
+    assert x.shape[1] == 128 and torch.equal(y[:, 70:], torch.full((2, 58), IGNORE_INDEX))
+    assert mask.sum() == 70  # the added columns are not trained on
+    assert trim_padding(batch, multiple=256)[0].shape[1] == 200  # never past max_length
+
+
+def test_compiled_decode_step_equals_eager_and_compiles_once(tiny_config):
+    from torch._dynamo.testing import CompileCounter
+    from k_model import Transformer
+    torch.manual_seed(0)
+    model = Transformer(tiny_config).eval()
+    torch._dynamo.reset()
+    backend = CompileCounter()
+    model._compiled_decode_step = torch.compile(model.decode_step, backend=backend, fullgraph=True, dynamic=False)
+    idx = torch.randint(5, tiny_config.vocab_size, (3, 10))
+    mask = torch.ones_like(idx)
+    mask[0, :4] = 0  # left padding
+    mask[1, :1] = 0
+    for kwargs in (dict(temperature=0.0), dict(temperature=0.9, top_p=0.9, seed=7)):
+        eager = model.generate(idx, max_new_tokens=20, attention_mask=mask, **kwargs)
+        compiled = model.generate(idx, max_new_tokens=20, attention_mask=mask, compile_decode=True, **kwargs)
+        assert torch.equal(eager, compiled)
+    # another prompt length and a second call: the same graph (static shapes, the cache's addresses marked)
+    compiled = model.generate(idx[:, 3:], max_new_tokens=20, attention_mask=mask[:, 3:], temperature=0.0,
+                              compile_decode=True)
+    assert torch.equal(compiled, model.generate(idx[:, 3:], max_new_tokens=20, attention_mask=mask[:, 3:],
+                                                temperature=0.0))
+    assert backend.frame_count == 1 and graph_breaks() == 0
+
+
+def test_cast_for_inference_keeps_rope_tables_in_float32(tiny_config):
+    from k_model import Transformer, cast_for_inference, precompute_freqs_cis
+    torch.manual_seed(0)
+    model = Transformer(tiny_config).eval()
+    idx = torch.randint(5, tiny_config.vocab_size, (1, 12))
+    fp32_logits = model(idx).logits
+    cast_for_inference(model, torch.bfloat16)
+    assert model.tok_embeddings.weight.dtype == torch.bfloat16
+    cos, sin = precompute_freqs_cis(tiny_config.dim // tiny_config.n_heads, tiny_config.max_seq_len)
+    assert model.freqs_cos.dtype == torch.float32 and torch.equal(model.freqs_cos, cos)
+    assert torch.equal(model.freqs_sin, sin)
+    bf16_logits = model(idx).logits
+    assert bf16_logits.dtype == torch.bfloat16
+    torch.testing.assert_close(bf16_logits.float(), fp32_logits, atol=0.05, rtol=0.05)
+    assert model.generate(idx, max_new_tokens=5, temperature=0.0).shape == (1, 5)
+
+
+def test_emulated_bf16_falls_back_to_fp16_and_old_cards_are_not_compiled(monkeypatch):
+    import ddp_pretrain
+    # a V100/T4: bf16 "supported" only through emulation
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert ddp_pretrain.resolve_dtype("auto", "cuda") == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert ddp_pretrain.resolve_dtype("auto", "cuda") == torch.bfloat16
+    for capability, compiled in (((6, 1), False), ((7, 0), True), ((9, 0), True)):  # P40, V100, H100
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert ddp_pretrain.compile_by_default("cuda:0") is compiled
+    assert ddp_pretrain.compile_by_default("cpu") is False
+
+
+def test_each_process_seeing_one_gpu_uses_device_0(monkeypatch):
+    """Slurm --gpus-per-task=1: LOCAL_RANK 3, but the process sees a single GPU."""
+    import ddp_pretrain
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(ddp_pretrain.dist, "init_process_group", lambda **kwargs: chosen.append(kwargs["timeout"]))
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    ctx = ddp_pretrain.Dist("cuda")
+    assert ctx.device == "cuda:0" and chosen[0] == "cuda:0"
+    assert chosen[1].total_seconds() >= 30 * 60  # a generous collective timeout
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_jsonl(tmp_path / "pretrain.jsonl", [{"text": s * 3} for s in SENTENCES * 6])
+
+
+def test_fp16_run_resumes_from_a_bf16_checkpoint(tokenizer_dir, data, tmp_path):
+    """A bf16 run saves an empty GradScaler state; fp16 used to crash loading it."""
+    out = tmp_path / "out"
+    first = subprocess.run([sys.executable, TRAIN, *pretrain_argv(tokenizer_dir, data, out, "--max_steps", "6",
+                                                                   "--save_interval", "3", "--dtype", "bfloat16")],
+                           env=ENV, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    resumed = subprocess.run([sys.executable, TRAIN, *pretrain_argv(
+        tokenizer_dir, data, out, "--max_steps", "8", "--dtype", "float16",
+        "--resume", str(out / "checkpoints" / "step_00000003.pt"))], env=ENV, capture_output=True, text=True,
+        timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+
+
+def two_nodes(tokenizer_dir, data, out_dirs, port, *extra):
+    """torchrun --nnodes 2 on 127.0.0.1, each node with its own --out_dir (no shared storage)."""
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+         "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "tinyk",
+         TRAIN, *pretrain_argv(tokenizer_dir, data, out, "--max_steps", "8", "--save_interval", "4", *extra)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for out in out_dirs]
+    outputs = [p.communicate(timeout=240) for p in procs]
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+
+
+def test_multi_node_resume_without_shared_storage_stops_every_node_at_once(tokenizer_dir, data, tmp_path):
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    first = two_nodes(tokenizer_dir, data, [node0, node1], 29561)
+    assert all(code == 0 for code, _, _ in first), [err[-1500:] for _, _, err in first]
+    saved = [n for n in (node0, node1) if (n / "checkpoints").is_dir()]
+    assert len(saved) == 1  # rank 0 alone writes checkpoints, on its own node
+    # resume: the node without the checkpoint must not leave rank 0 waiting for the collective timeout
+    results = two_nodes(tokenizer_dir, data, [node0, node1], 29562, "--resume", "auto", "--max_steps", "10")
+    assert all(code != 0 for code, _, _ in results)
+    errors = "".join(err for _, _, err in results)
+    assert "cannot read the checkpoint that rank 0 resumes from" in errors
+    assert "step_00000004.pt" in errors and "on storage every node shares" in errors
+
+
+def test_multi_node_resume_with_the_checkpoint_copied_to_every_node(tokenizer_dir, data, tmp_path):
+    import shutil
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    two_nodes(tokenizer_dir, data, [node0, node1], 29563)
+    saved = node0 if (node0 / "checkpoints").is_dir() else node1
+    other = node1 if saved == node0 else node0
+    shutil.copytree(saved / "checkpoints", other / "checkpoints")
+    results = two_nodes(tokenizer_dir, data, [node0, node1], 29564, "--resume", "auto", "--max_steps", "10")
+    assert all(code == 0 for code, _, _ in results), [err[-1500:] for _, _, err in results]
+    outs = "".join(out for _, out, _ in results)
+    assert "resumed from" in outs and "step 10/10" in outs, "".join(err[-1500:] for _, _, err in results)
+
+
+def test_using_a_model_never_imports_the_training_scripts():
+    code = ("import sys; sys.path.insert(0, %r); import model_sample, export_model, serve; "
+            "bad = [m for m in ('ddp_pretrain', 'ddp_sft') if m in sys.modules]; print(bad); sys.exit(bool(bad))" % CODE)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr[-1000:]
