@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from jsonl import JsonlError
 from pretokenize import tokenizer_fingerprint
+from train_plan import add_plan_arguments, plan_from_args, print_plan, summary_line
 from train_tokenizer import load_tokenizer
 
 # ---- hyperparameters: edit here; a preset overrides these, CLI flags override both ----
@@ -97,7 +98,7 @@ def build_parser(description=__doc__) -> argparse.ArgumentParser:
                    help="torch.compile the model (default: on CUDA, off on CPU)")
     p.add_argument("--report", action="store_true", help="write OUT_DIR/report.md with losses, curve and samples")
     p.add_argument("--use_swanlab", action="store_true", help="log to swanlab in OUT_DIR/swanlog (SWANLAB_MODE: offline by default, no account needed)")
-    return p
+    return add_plan_arguments(p)
 
 
 def parse_args(argv=None, parser=None, defaults=DEFAULTS, presets=PRESETS):
@@ -367,6 +368,9 @@ def train(args, model, train_set, val_set, ctx: Dist, trim_batches=False):
         check_compatible(state, raw_model, tokenizer_sha256, ctx, last_checkpoint)
         load_weights(raw_model, state["model"], last_checkpoint)
     use_compile = args.compile if args.compile is not None else compile_by_default(ctx.device)
+    trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+    ctx.print(summary_line(plan_from_args(args, raw_model.config, trainable_params=trainable, world_size=ctx.world_size,
+                                          dtype=dtype, compiled=use_compile, samples=len(train_set))))
     eval_model = torch.compile(raw_model) if use_compile else raw_model
     model = eval_model
     if ctx.ddp:
@@ -475,10 +479,12 @@ def train(args, model, train_set, val_set, ctx: Dist, trim_batches=False):
                 train_loss = loss_sum / ctx.world_size / steps_since_log
                 tokens_per_s = tokens / elapsed
                 eta = (time.time() - t_start) / (step - start_step) * (total_steps - step)
+                memory = {"peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30} if ctx.device_type == "cuda" else {}
                 ctx.print(f"epoch {epoch + 1} | step {step}/{total_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
-                          f"grad norm {grad_norm.item():.3f} | {tokens_per_s:,.0f} tok/s | eta {format_eta(eta)}")
+                          f"grad norm {grad_norm.item():.3f} | {tokens_per_s:,.0f} tok/s | eta {format_eta(eta)}"
+                          + (f" | peak {memory['peak_memory_gib']:.1f} GiB" if memory else ""))
                 logger.log({"loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                            "tokens_per_s": tokens_per_s, "time": time.time() - t_start}, step)
+                            "tokens_per_s": tokens_per_s, "time": time.time() - t_start, **memory}, step)
                 loss_accum.zero_()
                 tokens_seen = 0
                 steps_since_log, t_log = 0, time.time()
@@ -496,6 +502,11 @@ def train(args, model, train_set, val_set, ctx: Dist, trim_batches=False):
         epoch, start_batch = epoch + 1, 0
 
     stop.restore()
+    if use_compile:  # more than a few graphs, or any break, means the compiled model is slower than it should be
+        from torch._dynamo.utils import counters
+        graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+        ctx.print(f"torch.compile: {graphs} graphs, {breaks} graph breaks")
+        logger.log({"compiled_graphs": graphs, "graph_breaks": breaks}, step)
     if stopped_by_signal:
         ctx.print(f"stopped at step {step}; continue with --resume auto")
     elif ctx.is_master:
@@ -579,6 +590,8 @@ def check_compatible(state, model, tokenizer_sha256, ctx: Dist, path):
 def model_config(args, tokenizer):
     """The model the flags and preset ask for, sized to the tokenizer."""
     from k_model import ModelConfig
+    if tokenizer is None:  # a dry run without a tokenizer yet
+        return ModelConfig(**{k: getattr(args, k) for k in MODEL_FIELDS})
     return ModelConfig(**{k: getattr(args, k) for k in MODEL_FIELDS}, vocab_size=len(tokenizer),
                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id)
@@ -596,19 +609,35 @@ def check_paths(args):
     """Fail fast, with the path in the message, before any process group or model exists."""
     for name in ("data_path", "val_data_path"):
         path = getattr(args, name)
-        if path and not os.path.isfile(path):
+        if path and not os.path.isfile(path) and not args.dry_run:
             raise FileNotFoundError(f"{path}: file not found (--{name})")
     if args.dtype not in ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32"):
         raise ValueError(f"unknown --dtype {args.dtype}")
+
+
+def load_tokenizer_or_none(args):
+    """A dry run may come before the tokenizer: then the model is planned with the chapter's 6144."""
+    try:
+        return load_tokenizer(args.tokenizer_path)
+    except FileNotFoundError:
+        print(f"note: no tokenizer in {args.tokenizer_path}: planning with vocab_size 6144", file=sys.stderr)
+        return None
+
+
+def dry_run(args, config, tokenizer, trainable_params=None):
+    """--dry_run: print the plan (memory per GPU, fit, tokens, steps, time) and train nothing."""
+    print_plan(plan_from_args(args, config, tokenizer, trainable_params), args.json)
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
         check_paths(args)
-        tokenizer = load_tokenizer(args.tokenizer_path)
+        tokenizer = load_tokenizer_or_none(args) if args.dry_run else load_tokenizer(args.tokenizer_path)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    if args.dry_run:
+        return dry_run(args, model_config(args, tokenizer), tokenizer)
 
     from k_model import Transformer
     ctx = Dist(args.device)

@@ -57,6 +57,17 @@ def add_lora(model, args):
     return get_peft_model(model, config)
 
 
+def lora_parameter_count(config, args) -> int:
+    """Trainable parameters of LoRA adapters: rank * (inputs + outputs) per adapted Linear."""
+    from k_model import Transformer
+    import torch
+    with torch.device("meta"):  # shapes only, no memory
+        model = Transformer(config)
+    targets = {t.strip() for t in args.lora_targets.split(",")}
+    return sum(args.lora_rank * (m.in_features + m.out_features) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in targets)
+
+
 def main(argv=None):
     parser = ddp_pretrain.build_parser(__doc__)
     parser.add_argument("--pretrained_path")
@@ -67,12 +78,18 @@ def main(argv=None):
     args = parse_args(argv, parser, DEFAULTS, PRESETS)
     try:
         check_paths(args)
-        tokenizer = load_tokenizer(args.tokenizer_path)
+        tokenizer = ddp_pretrain.load_tokenizer_or_none(args) if args.dry_run else load_tokenizer(args.tokenizer_path)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 
     from dataset import SFTDataset
-    from k_model import load_model
+    from k_model import ModelConfig, load_model
+    if args.dry_run:  # the architecture from the pretrained config.json (no weights read), else the flags
+        have_pretrained = os.path.isfile(os.path.join(args.pretrained_path, "config.json"))
+        config = ModelConfig.from_pretrained(args.pretrained_path) if have_pretrained \
+            else ddp_pretrain.model_config(args, tokenizer)
+        trainable = lora_parameter_count(config, args) if args.lora_rank > 0 else None
+        return ddp_pretrain.dry_run(args, config, tokenizer, trainable)
     from pretokenize import tokenizer_fingerprint
     if os.path.isfile(os.path.join(args.pretrained_path, "tokenizer.json")) and \
             tokenizer_fingerprint(args.pretrained_path) != tokenizer_fingerprint(args.tokenizer_path):

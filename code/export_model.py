@@ -140,9 +140,10 @@ def load_tiny_k(checkpoint: str) -> Transformer:
 
 
 def export(checkpoint: str, tokenizer_path: str, save_dir: str):
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
+    from train_tokenizer import load_tokenizer
     model = load_tiny_k(checkpoint)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
     llama = to_llama(model, tokenizer)
     llama.save_pretrained(save_dir)  # config.json + model.safetensors
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")

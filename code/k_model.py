@@ -171,9 +171,10 @@ class Attention(nn.Module):
             xk, xv = kv_cache.update(self.layer_id, xk, xv)
         if self.flash:
             gqa = self.n_rep > 1
-            if gqa and mask is not None and x.is_cuda:
-                # CUDA's fused kernels that take a mask do not take enable_gqa (it would fall back to
-                # the slow math kernel): copy each key/value head for its n_rep query heads instead
+            if gqa and x.is_cuda and (mask is not None or xq.dtype == torch.float32 or not cuda_has_flash_attention()):
+                # on CUDA only FlashAttention (sm80+, 16-bit, no mask) takes enable_gqa; elsewhere SDPA would
+                # fall back to the math kernel and its seq x seq matrices. Copying each key/value head for
+                # its n_rep query heads lets the memory-efficient kernel run instead.
                 xk, xv = xk.repeat_interleave(self.n_rep, dim=1), xv.repeat_interleave(self.n_rep, dim=1)
                 gqa = False
             # enable_gqa: SDPA lets each key/value head serve n_rep query heads without copying them
@@ -195,6 +196,12 @@ class Attention(nn.Module):
 
         output = output.transpose(1, 2).contiguous().view(bsz, seqlen, -1)
         return self.resid_dropout(self.wo(output))
+
+
+@torch.compiler.assume_constant_result  # a fact of the machine: torch.compile need not trace it
+def cuda_has_flash_attention() -> bool:
+    """FlashAttention, the one fused SDPA kernel that takes enable_gqa, needs compute capability 8.0+."""
+    return torch.cuda.get_device_capability() >= (8, 0)
 
 
 def causal_mask(n: int) -> torch.Tensor:

@@ -63,8 +63,8 @@ _tokenizer = None
 def _init_worker(tokenizer_path):
     global _tokenizer
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
-    from transformers import AutoTokenizer
-    _tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    from train_tokenizer import load_tokenizer
+    _tokenizer = load_tokenizer(tokenizer_path)
 
 
 def encode_documents(texts):
@@ -82,8 +82,8 @@ def batched(iterable, n):
 
 def pretokenize(data_path: str, tokenizer_path: str, out_path: str, num_proc: int = NUM_PROC) -> dict:
     """Write out_path (tokens) and out_path.json (dtype, vocab_size, n_tokens, n_docs, tokenizer sha256)."""
-    from transformers import AutoTokenizer
-    vocab_size = len(AutoTokenizer.from_pretrained(tokenizer_path))
+    from train_tokenizer import load_tokenizer
+    vocab_size = len(load_tokenizer(tokenizer_path))
     dtype = token_dtype(vocab_size)
     tasks = batched(read_jsonl(data_path, text_of), LINES_PER_TASK)
     tmp = f"{out_path}.tmp{os.getpid()}"
