@@ -1,15 +1,23 @@
-"""Serve a model over an OpenAI-compatible HTTP API, with a chat page at /.
+r"""Serve a model over an OpenAI-compatible HTTP API, with a chat page at /.
 
     python code/serve.py --model output/sft                 # http://127.0.0.1:8000
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \
         -d '{"messages": [{"role": "user", "content": "你好"}], "stream": false}'
 
 Endpoints: POST /v1/chat/completions (streaming with "stream": true, as server-sent events),
-POST /v1/completions (plain continuation), GET /v1/models, GET /health, GET / (the page).
-One request generates at a time; up to --max_queue wait, and more are answered 503.
+POST /v1/completions (plain continuation), GET /v1/models (with the model's max_seq_len),
+GET /health, GET / (the page). One request generates at a time; up to --max_queue wait, and more
+are answered 503.
+
+Serving a network (--host 0.0.0.0)? Set a key: TINYK_API_KEY=... python code/serve.py --host 0.0.0.0.
+Then every path but the page (/), /health and /favicon.ico needs "Authorization: Bearer <key>", as
+OpenAI clients send it (api_key=...); the page has a field for it. The key travels in clear over plain HTTP: across
+a network you do not trust, put a TLS proxy in front.
 """
 import argparse
 import asyncio
+import hmac
+import ipaddress
 import json
 import os
 import sys
@@ -30,6 +38,10 @@ PORT = 8000
 MAX_QUEUE = 16              # requests waiting for the model; more get 503
 MAX_TOKENS_LIMIT = 1024     # the most a request may ask for
 MAX_BODY_BYTES = 1 << 20    # larger requests get 413
+API_KEY_ENV = "TINYK_API_KEY"  # where --api_key comes from when the flag is not given
+# no key needed here: the page holds no secret and asks for the key; probes need /health; browsers ask
+# for /favicon.ico with every page (a 404, not a 401 that would look like someone guessing keys)
+OPEN_PATHS = ("/", "/health", "/favicon.ico")
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
 
 
@@ -43,6 +55,54 @@ def error_response(status, message, code=None, param=None, kind="invalid_request
     """The OpenAI error shape."""
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param,
                                                                "code": code}})
+
+
+def json_error_message(doc, offset: int, reason: str) -> str:
+    """'the body is not valid JSON: <reason> at line L column C' (FastAPI only gives the character offset)."""
+    text = doc.decode("utf-8", "replace") if isinstance(doc, (bytes, bytearray)) else str(doc or "")
+    offset = max(0, min(int(offset), len(text)))
+    line = text.count("\n", 0, offset) + 1
+    column = offset - text.rfind("\n", 0, offset)  # 1-based, as Python's json module counts
+    return f"the body is not valid JSON: {reason} at line {line} column {column}"
+
+
+def validation_error_response(e: RequestValidationError):
+    """The first problem FastAPI found, as an OpenAI-shaped 400 naming the field at fault."""
+    first = e.errors()[0]
+    loc = list(first.get("loc", []))
+    if first.get("type") == "json_invalid":  # loc is ("body", <character offset>): no field to name
+        offset = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else 0
+        reason = (first.get("ctx") or {}).get("error", "JSON decode error")
+        return error_response(400, json_error_message(e.body, offset, reason), code="invalid_json")
+    if loc == ["body"] and first.get("type") == "missing":
+        return error_response(400, "the request has no body; send a JSON object", code="invalid_json")
+    param = ".".join(str(p) for p in loc[1:]) or None
+    return error_response(400, f"{param or 'body'}: {first.get('msg')}", code="invalid_value", param=param)
+
+
+def key_matches(authorization: Optional[str], api_key: str) -> bool:
+    """Whether an "Authorization: Bearer <key>" header carries api_key (compared in constant time)."""
+    scheme, _, given = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    # compare_digest on bytes: on str it refuses non-ASCII, which a client may well send
+    return hmac.compare_digest(given.strip().encode("utf-8"), api_key.encode("utf-8"))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding to host serves this machine only (127.x, ::1, localhost)."""
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost, or "": may resolve to anything
+        return False
+
+
+def should_warn_open(host: str, api_key: Optional[str]) -> bool:
+    """Warn when anyone on the network could use the model: bound beyond loopback, and no key."""
+    return not api_key and not is_loopback(host)
 
 
 class Message(BaseModel):
@@ -136,7 +196,8 @@ class ModelWorker:
 
 
 def create_app(model_dir: str, max_queue: int = MAX_QUEUE, device: str = "auto",
-               compile_decode: bool = False) -> FastAPI:
+               compile_decode: bool = False, api_key: Optional[str] = None) -> FastAPI:
+    """api_key: when set, every path but OPEN_PATHS needs "Authorization: Bearer <api_key>"."""
     from model_sample import TextGenerator
     generator = TextGenerator(model_dir, device=device, compile_decode=compile_decode)
     worker = ModelWorker(generator, max_queue)
@@ -150,14 +211,25 @@ def create_app(model_dir: str, max_queue: int = MAX_QUEUE, device: str = "auto",
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, e: RequestValidationError):
-        first = e.errors()[0]
-        param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
-        return error_response(400, f"{param or 'body'}: {first.get('msg')}", code="invalid_value", param=param)
+        return validation_error_response(e)
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
         if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
             return error_response(413, f"request body over {MAX_BODY_BYTES} bytes", code="body_too_large")
+        return await call_next(request)
+
+    @app.middleware("http")  # added last, so it runs first: no key, no work done
+    async def check_api_key(request: Request, call_next):
+        # everything but the listed open paths is protected, so a new endpoint cannot be left open by mistake
+        if api_key and request.url.path not in OPEN_PATHS:
+            authorization = request.headers.get("authorization")
+            if not key_matches(authorization, api_key):
+                message = ("incorrect API key provided" if authorization else
+                           "no API key provided; send it as the header 'Authorization: Bearer <key>'")
+                response = error_response(401, message, code="invalid_api_key")
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return response
         return await call_next(request)
 
     @app.get("/health")
@@ -166,7 +238,9 @@ def create_app(model_dir: str, max_queue: int = MAX_QUEUE, device: str = "auto",
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "tiny-k"}]}
+        # max_seq_len is ours (the page shows it); OpenAI clients ignore fields they do not know
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "tiny-k",
+                                            "max_seq_len": generator.max_seq_len}]}
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -241,18 +315,35 @@ def create_app(model_dir: str, max_queue: int = MAX_QUEUE, device: str = "auto",
     return app
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="output/sft", help="a Tiny-K or exported Hugging Face Llama directory")
-    parser.add_argument("--host", default=HOST)
-    parser.add_argument("--port", type=int, default=PORT)
-    parser.add_argument("--max_queue", type=int, default=MAX_QUEUE)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--model", default="output/sft",
+                        help="a Tiny-K or exported Hugging Face Llama directory (default: %(default)s)")
+    parser.add_argument("--host", default=HOST,
+                        help="address to bind; 0.0.0.0 serves the network, so set a key (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=PORT, help="port to listen on (default: %(default)s)")
+    parser.add_argument("--max_queue", type=int, default=MAX_QUEUE,
+                        help="requests that may wait for the model; more get 503 (default: %(default)s)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (cuda if there is one), cpu, cuda, cuda:N (default: %(default)s)")
     parser.add_argument("--compile_decode", action="store_true",
-                        help="torch.compile the decode step (CUDA graphs on CUDA); the first request waits for it")
-    args = parser.parse_args(argv)
+                        help="torch.compile the decode step (CUDA graphs on CUDA); the first request waits "
+                             "for it (default: off)")
+    # the default is not printed by --help: it would show the key
+    parser.add_argument("--api_key", default=None,
+                        help=f"Bearer key required on all but / and /health (default: ${API_KEY_ENV}, else "
+                             f"none: open to all who reach the port); prefer the variable, ps shows flags")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    api_key = (args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)) or None
+    if should_warn_open(args.host, api_key):
+        print(f"warning: serving {args.host}:{args.port} without an API key: anyone who can reach it can use the "
+              f"model (set {API_KEY_ENV} or --api_key)", file=sys.stderr)
     try:
-        app = create_app(args.model, args.max_queue, args.device, args.compile_decode)
+        app = create_app(args.model, args.max_queue, args.device, args.compile_decode, api_key=api_key)
     except (FileNotFoundError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     import uvicorn

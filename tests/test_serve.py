@@ -1,8 +1,11 @@
 """The OpenAI-compatible server: response shapes, streaming equals non-streaming, concurrent
-requests, a full queue answers 503, bad input gets a 4xx in the OpenAI error shape."""
+requests, a full queue answers 503, bad input gets a 4xx in the OpenAI error shape, the API key,
+the flags' help, and the chat page's history rules (run with node)."""
 import json
 import os
+import re
 import shutil
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -71,7 +74,8 @@ def test_completions_models_and_health(client):
     r = client.post("/v1/completions", json={"prompt": "今天", "max_tokens": 5, "temperature": 0})
     assert r.status_code == 200 and r.json()["object"] == "text_completion"
     assert isinstance(r.json()["choices"][0]["text"], str)
-    assert client.get("/v1/models").json()["data"][0]["id"] == "model"
+    model = client.get("/v1/models").json()["data"][0]
+    assert model["id"] == "model" and model["max_seq_len"] == 128  # the page shows both
     assert client.get("/health").json()["status"] == "ok"
     page = client.get("/")
     assert page.status_code == 200 and "/v1/chat/completions" in page.text and "getReader" in page.text
@@ -145,3 +149,167 @@ def test_serves_an_exported_hugging_face_directory_too(model_dir, tmp_path):
     greedy = {**CHAT, "temperature": 0}
     assert hf_client.post("/v1/chat/completions", json=greedy).json()["choices"] == \
         ours.post("/v1/chat/completions", json=greedy).json()["choices"]
+
+
+def test_broken_json_names_the_line_and_column_not_a_param(client):
+    body = '{"messages": [\n  {"role": "user",, "content": "hi"}]}'
+    with pytest.raises(json.JSONDecodeError) as python_says:
+        json.loads(body)
+    r = client.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] is None and error["code"] == "invalid_json" and error["type"] == "invalid_request_error"
+    e = python_says.value
+    assert error["message"] == f"the body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+
+
+def test_an_empty_body_is_named_as_such(client):
+    r = client.post("/v1/chat/completions", content="", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"] == "the request has no body; send a JSON object"
+
+
+# ---- the API key
+
+KEY = "tk-s3cret"
+
+
+@pytest.fixture(scope="module")
+def keyed_client(model_dir):
+    from serve import create_app
+    return TestClient(create_app(model_dir, device="cpu", api_key=KEY))
+
+
+V1 = [("get", "/v1/models", None), ("post", "/v1/chat/completions", {**CHAT, "max_tokens": 2}),
+      ("post", "/v1/completions", {"prompt": "今天", "max_tokens": 2})]
+
+
+@pytest.mark.parametrize("method, path, body", V1)
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong", f"Basic {KEY}", KEY, f"Bearer {KEY}x"])
+def test_v1_without_the_right_key_gets_401(keyed_client, method, path, body, authorization):
+    headers = {"Authorization": authorization} if authorization else {}
+    r = getattr(keyed_client, method)(path, headers=headers, **({"json": body} if body else {}))
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "invalid_api_key" and error["message"]
+
+
+@pytest.mark.parametrize("method, path, body", V1)
+def test_v1_with_the_right_key_works(keyed_client, method, path, body):
+    r = getattr(keyed_client, method)(path, headers={"Authorization": f"bearer  {KEY} "},
+                                      **({"json": body} if body else {}))
+    assert r.status_code == 200, r.text
+
+
+def test_the_page_and_health_stay_open_with_a_key(keyed_client):
+    assert keyed_client.get("/").status_code == 200 and keyed_client.get("/health").status_code == 200
+    assert keyed_client.get("/openapi.json").status_code == 401  # only the listed paths are open
+
+
+def test_key_matches_compares_the_bearer_token():
+    from serve import key_matches
+    assert key_matches(f"Bearer {KEY}", KEY) and not key_matches(None, KEY) and not key_matches("Bearer", KEY)
+    assert key_matches("Bearer 密钥", "密钥") and not key_matches("Bearer 密", "密钥")  # non-ASCII: no TypeError
+
+
+@pytest.mark.parametrize("host, key, warn", [
+    ("127.0.0.1", None, False), ("127.0.0.2", None, False), ("localhost", None, False), ("::1", None, False),
+    ("[::1]", None, False), ("0.0.0.0", None, True), ("::", None, True), ("192.168.1.5", None, True),
+    ("myhost.example", None, True), ("0.0.0.0", KEY, False), ("0.0.0.0", "", True),
+])
+def test_should_warn_open(host, key, warn):
+    from serve import should_warn_open
+    assert should_warn_open(host, key) is warn
+
+
+@pytest.mark.parametrize("argv, env, key, warned", [
+    (["--host", "0.0.0.0"], None, None, True),
+    (["--host", "0.0.0.0"], KEY, KEY, False),                            # the key from TINYK_API_KEY
+    (["--host", "0.0.0.0", "--api_key", "flag"], KEY, "flag", False),    # the flag wins
+    ([], None, None, False),                                             # loopback: no warning
+])
+def test_main_takes_the_key_and_warns_once(monkeypatch, capsys, argv, env, key, warned):
+    import uvicorn
+    import serve
+    seen = {}
+    monkeypatch.setattr(serve, "create_app", lambda *a, **kw: seen.update(kw) or "app")
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port: seen.update(host=host))
+    if env is None:
+        monkeypatch.delenv("TINYK_API_KEY", raising=False)
+    else:
+        monkeypatch.setenv("TINYK_API_KEY", env)
+    serve.main(["--model", "m"] + argv)
+    err = capsys.readouterr().err
+    assert seen["api_key"] == key
+    assert (err.count("\n"), "without an API key" in err) == ((1, True) if warned else (0, False))
+
+
+def test_every_flag_has_a_help_with_its_default():
+    import serve
+    parser = serve.build_parser()
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert action.help and action.help.strip(), action.dest
+        assert "default" in action.help, action.dest
+        if action.choices:
+            assert all(str(c) in action.help or "%(choices)s" in action.help for c in action.choices), action.dest
+    parser.format_help()  # the %(default)s placeholders format
+
+
+def test_the_help_does_not_show_the_key(monkeypatch):
+    monkeypatch.setenv("TINYK_API_KEY", KEY)
+    import serve
+    assert KEY not in serve.build_parser().format_help()
+
+
+# ---- the chat page's history rules, run with node on the functions cut out of chat.html
+
+PAGE_JS_TEST = r"""
+const out = {};
+const u = (c) => ({role: "user", content: c}), a = (c) => ({role: "assistant", content: c});
+let history = [];
+out.first = requestMessages(history, "很长的问题");
+history = afterExchange(history, "很长的问题", "", true);           // HTTP 400: nothing kept
+out.afterError = history;
+history = afterExchange(history, "你好", "半句", true);             // error mid-stream: not kept
+history = afterExchange(history, "你好", "   ", false);             // stopped before an answer
+out.afterStop = history;
+history = afterExchange(history, "你好", " 你好！\n", false);       // a completed exchange
+out.next = requestMessages(history, "再见");
+out.parsed = [parseEvent("[DONE]"), parseEvent('{"error": {"message": "boom"}}'),
+              parseEvent('{"choices": [{"index": 0, "delta": {"role": "assistant"}}]}'),
+              parseEvent('{"choices": [{"index": 0, "delta": {"content": "嗨"}}]}')];
+out.messages = [errorMessage(400, {error: {message: "too long"}}), errorMessage(502, null)];
+console.log(JSON.stringify(out));
+"""
+
+
+def page_functions() -> str:
+    from serve import PAGE
+    with open(PAGE, encoding="utf-8") as f:
+        page = f.read()
+    block = re.search(r"// ---- history rules.*?// ---- end of history rules ----", page, re.S)
+    assert block, "chat.html lost its history-rules markers"
+    return block.group(0)
+
+
+@pytest.mark.skipif(not shutil.which("node"), reason="node is not installed")
+def test_the_page_keeps_only_completed_exchanges(tmp_path):
+    script = tmp_path / "page_test.js"
+    script.write_text(page_functions() + PAGE_JS_TEST, encoding="utf-8")
+    run = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    u, a = (lambda c: {"role": "user", "content": c}), (lambda c: {"role": "assistant", "content": c})
+    assert out["first"] == [u("很长的问题")]
+    assert out["afterError"] == [] and out["afterStop"] == []
+    assert out["next"] == [u("你好"), a("你好！"), u("再见")]  # no empty assistant turn, no failed question
+    assert out["parsed"] == [{"done": True}, {"error": "boom"}, {"content": ""}, {"content": "嗨"}]
+    assert out["messages"] == ["too long", "HTTP 502"]
+
+
+def test_the_page_sends_through_the_history_rules(client):
+    page = client.get("/").text
+    assert "requestMessages(history, prompt)" in page and "history = afterExchange(" in page
+    assert "history.push" not in page  # the rules above are the only way into the history
+    assert 'type="password"' in page and '"Bearer "' in page and "/v1/models" in page
