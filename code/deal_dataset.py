@@ -3,8 +3,8 @@
 Real corpora (fetch them with code/download_dataset.sh):
     python code/deal_dataset.py --pretrain_src data/mobvoi_seq_monkey_general_open_corpus.jsonl
     python code/deal_dataset.py --sft_src data/BelleGroup/train_3.5M_CN.json
-Demo corpora, built offline from text that pip packages ship:
-    python code/deal_dataset.py --demo
+Demo corpora, from packages of the npm and pip registries (no other download):
+    python code/deal_dataset.py --demo    # Tang poems (npm chinese-poetry) and dialogs (pip chatterbot-corpus)
 
 Pretraining lines are {"text": "..."} (at most --chunk_size characters each); SFT lines are
 one chat each: a JSON list of {"role": "system"|"user"|"assistant", "content": "..."}.
@@ -17,7 +17,9 @@ import sys
 from typing import Iterable, Iterator, List
 
 from jsonl import JsonlError, atomic_writer, dump_line, read_jsonl, text_of
+from poetry import PoetryError
 from train_tokenizer import SYSTEM_PROMPT
+from cli import HelpFormatter
 
 # ---- hyperparameters (CLI flags override) ----
 OUT_DIR = "data"
@@ -128,36 +130,46 @@ def val_path_for(path: str) -> str:
     return f"{root}_val{ext or '.jsonl'}"
 
 
-def build_demo(out_dir: str = OUT_DIR, val_every: int = VAL_EVERY, chunk_size: int = CHUNK_SIZE):
-    write_split(peoples_daily_records(chunk_size), os.path.join(out_dir, "demo_pretrain.jsonl"),
-                os.path.join(out_dir, "demo_pretrain_val.jsonl"), val_every)
-    # dialogs are few: a smaller stride would leave too little to train on
-    write_split(chatterbot_records(), os.path.join(out_dir, "demo_sft.jsonl"),
-                os.path.join(out_dir, "demo_sft_val.jsonl"), max(val_every // 2, 2) if val_every else 0)
+def build_demo(out_dir: str = OUT_DIR, val_every: int = VAL_EVERY):
+    """The demo's files, from the Tang poems (poetry.py) and the chatterbot dialogs:
+    demo_pretrain.jsonl       every training poem, "五言绝句《题》" before its body
+    demo_pretrain_val.jsonl   the held-out poems (validation loss, bits per character)
+    demo_sft{,_val}.jsonl     poem requests answered by real poems, and the dialogs (for 你好)
+    demo_eval.jsonl           one request per held-out poem, for eval_model.py
+    The held-out poems appear in no training file (the split is by poem, fixed by a seed)."""
+    import random
+    import poetry
+    data = poetry.build_demo_data(poetry.fetch_poetry(out_dir))
+    write_split(data["pretrain"], os.path.join(out_dir, "demo_pretrain.jsonl"), None, 0)
+    write_split(data["pretrain_val"], os.path.join(out_dir, "demo_pretrain_val.jsonl"), None, 0)
+    sft = data["sft"] + list(chatterbot_records())
+    random.Random(poetry.SEED).shuffle(sft)  # the validation split takes both kinds
+    write_split(sft, os.path.join(out_dir, "demo_sft.jsonl"), os.path.join(out_dir, "demo_sft_val.jsonl"), val_every)
+    write_split(data["eval"], os.path.join(out_dir, "demo_eval.jsonl"), None, 0)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--demo", action="store_true", help="build the demo corpora into --out_dir")
     parser.add_argument("--pretrain_src", help="seq-monkey jsonl ({'text': ...} per line)")
-    parser.add_argument("--pretrain_out", default=os.path.join(OUT_DIR, "pretrain.jsonl"))
+    parser.add_argument("--pretrain_out", default=os.path.join(OUT_DIR, "pretrain.jsonl"), help="pretraining jsonl to write (its _val file beside it)")
     parser.add_argument("--sft_src", help="BelleGroup json lines ({'conversations': [...]} per line)")
-    parser.add_argument("--sft_out", default=os.path.join(OUT_DIR, "sft.jsonl"))
-    parser.add_argument("--out_dir", default=OUT_DIR)
-    parser.add_argument("--chunk_size", type=int, default=CHUNK_SIZE)
+    parser.add_argument("--sft_out", default=os.path.join(OUT_DIR, "sft.jsonl"), help="SFT jsonl to write (its _val file beside it)")
+    parser.add_argument("--out_dir", default=OUT_DIR, help="where --demo writes its files (and keeps the npm tarball)")
+    parser.add_argument("--chunk_size", type=int, default=CHUNK_SIZE, help="seq-monkey documents are cut into pieces of at most this many characters")
     parser.add_argument("--val_every", type=int, default=VAL_EVERY, help="0 = no validation split")
     args = parser.parse_args(argv)
     if not (args.demo or args.pretrain_src or args.sft_src):
         parser.error("nothing to do: give --demo, --pretrain_src or --sft_src")
     try:
         if args.demo:
-            build_demo(args.out_dir, args.val_every, args.chunk_size)
+            build_demo(args.out_dir, args.val_every)
         if args.pretrain_src:
             write_split(seq_monkey_records(args.pretrain_src, args.chunk_size), args.pretrain_out,
                         val_path_for(args.pretrain_out), args.val_every)
         if args.sft_src:
             write_split(belle_records(args.sft_src), args.sft_out, val_path_for(args.sft_out), args.val_every)
-    except JsonlError as e:
+    except (JsonlError, PoetryError) as e:
         sys.exit(f"error: {e}")
 
 

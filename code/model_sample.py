@@ -6,12 +6,14 @@
     python code/model_sample.py --chat --checkpoint output/sft                     # talk to it (/reset, /exit)
 """
 import argparse
+import os
 import sys
 
 import torch
 
 from export_model import load_tiny_k
-from k_model import cast_for_inference
+from k_model import cast_for_inference, check_sampling
+from cli import HelpFormatter
 
 # ---- hyperparameters (CLI flags override) ----
 CHECKPOINT = "output/sft"
@@ -21,12 +23,13 @@ TOP_K = 50
 TOP_P = 0.9
 REPETITION_PENALTY = 1.1
 SEED = 42
-PRETRAIN_STARTS = ["中国", "新华社北京１月１日电", "经济", "今天是", "北京"]
+# the demo pretrains on poems written as "form《title》" then the body: a header starts a poem
+PRETRAIN_STARTS = ["五言绝句《春晓》\n", "七言绝句《秋夜》\n", "五言律诗《登楼》\n", "七言律诗《送友人》\n", "明月"]
 CHAT_PROMPTS = [
-    "你好", "你好吗?", "嗨，最近如何?", "很高兴见到你.", "你叫什么名字?",
-    "你是谁?", "什么是ai", "你会做什么?", "你喜欢什么?", "再见",
-    "Hello", "Hi, how are you?", "What is your name?", "Good morning", "Nice to meet you.",
-    "What is AI?", "Do you like music?", "Tell me a joke", "Who are you?", "Goodbye",
+    "写一首五言绝句，题目是《春晓》。", "以《秋夜》为题，作一首七绝。", "请写一首五律，题为《登楼》。",
+    "写一首七言律诗，诗中要有“月”字。", "写一首藏头诗，用五言绝句，各句开头连起来是“春夏秋冬”。",
+    "接着“白日依山尽”往下写，凑成一首五言绝句。",
+    "你好", "你叫什么名字?", "你会做什么?", "再见", "Hello", "What is your name?",
 ]
 
 
@@ -53,6 +56,9 @@ class TextGenerator:
         On CUDA the model runs in bf16 (fp16 where the GPU lacks bf16); compile_decode compiles
         the decode step (CUDA graphs on CUDA; the first answer waits for the compilation)."""
         from train_tokenizer import load_tokenizer
+        if os.path.isfile(checkpoint_path) and tokenizer_path is None:
+            raise ValueError(f"{checkpoint_path} is a training checkpoint, which holds no tokenizer: "
+                             "add --tokenizer_path tokenizer_k (the tokenizer it was trained with)")
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         # the chapter re-typed the model's dims here; the directory's config.json knows them
         self.model = load_tiny_k(checkpoint_path).to(self.device).eval()
@@ -176,23 +182,24 @@ def interactive_chat(generator: TextGenerator, sampling: dict, stdin=sys.stdin):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=["pretrain", "chat"], default="chat")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--mode", choices=["pretrain", "chat"], default="chat", help="pretrain: continue texts (poem openings); chat: answer prompts")
     parser.add_argument("--chat", action="store_true", help="interactive multi-turn chat on the terminal")
-    parser.add_argument("--checkpoint", default=CHECKPOINT, help="a save_pretrained model directory")
-    parser.add_argument("--tokenizer_path", default=None, help="default: the tokenizer saved in --checkpoint")
-    parser.add_argument("--prompt", action="append", help="prompt or start text (repeatable); default: built-in examples")
-    parser.add_argument("--max_new_tokens", type=int, default=MAX_NEW_TOKENS)
-    parser.add_argument("--temperature", type=float, default=TEMPERATURE, help="0 = greedy")
-    parser.add_argument("--top_k", type=int, default=TOP_K, help="0 = off")
-    parser.add_argument("--top_p", type=float, default=TOP_P, help="1.0 = off")
-    parser.add_argument("--repetition_penalty", type=float, default=REPETITION_PENALTY, help="1.0 = off")
-    parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--checkpoint", default=CHECKPOINT, help="a Tiny-K or exported Hugging Face model directory, or a training checkpoint .pt (with --tokenizer_path)")
+    parser.add_argument("--tokenizer_path", default=None, help="the tokenizer directory (default: the one saved in --checkpoint)")
+    parser.add_argument("--prompt", action="append", help="prompt or start text, repeatable (default: the built-in examples)")
+    parser.add_argument("--max_new_tokens", type=int, default=MAX_NEW_TOKENS, help="the most tokens to generate per answer")
+    parser.add_argument("--temperature", type=float, default=TEMPERATURE, help="sampling temperature, >= 0; 0 = greedy")
+    parser.add_argument("--top_k", type=int, default=TOP_K, help="sample among the k most likely tokens; 0 = off")
+    parser.add_argument("--top_p", type=float, default=TOP_P, help="nucleus sampling: keep the most likely tokens up to this probability, in (0, 1]; 1.0 = off")
+    parser.add_argument("--repetition_penalty", type=float, default=REPETITION_PENALTY, help="divide the logits of tokens already present by this, > 0; 1.0 = off")
+    parser.add_argument("--seed", type=int, default=SEED, help="sampling seed (the same seed, the same answer)")
+    parser.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
     parser.add_argument("--compile_decode", action="store_true",
                         help="torch.compile the decode step (CUDA graphs on CUDA); worth it for long answers on a GPU")
     args = parser.parse_args(argv)
     try:
+        check_sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
         generator = TextGenerator(args.checkpoint, args.tokenizer_path, args.device, args.compile_decode)
     except (FileNotFoundError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")

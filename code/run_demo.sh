@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The whole chapter on the demo data, on CPU, in about 10 minutes:
-# demo data -> tokenizer -> token files -> pretrain -> SFT -> samples and chat answers.
+# The whole chapter on the demo data, on CPU, in under 10 minutes:
+# demo data (Tang poems, dialogs) -> tokenizer -> token files -> pretrain -> SFT -> eval -> samples.
 # Run from the repository root: bash code/run_demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,13 +26,14 @@ stage "4. pretrain" python code/ddp_pretrain.py --preset demo \
 stage "5. SFT" python code/ddp_sft.py --preset demo \
   --data_path data/demo_sft.jsonl --val_data_path data/demo_sft_val.jsonl \
   --pretrained_path output/pretrain --out_dir output/sft
+stage "6. eval" python code/eval_model.py --checkpoint output/sft --baseline output/pretrain
 samples() {  # the samples go to the terminal and into the report
-  python code/model_sample.py --mode pretrain --checkpoint output/pretrain --max_new_tokens 60
-  python code/model_sample.py --mode chat --checkpoint output/sft --max_new_tokens 60
+  python code/model_sample.py --mode pretrain --checkpoint output/pretrain --max_new_tokens 80
+  python code/model_sample.py --mode chat --checkpoint output/sft --max_new_tokens 80
 }
-stage "6. samples and chat" eval 'samples | tee output/samples.txt'
+stage "7. samples and chat" eval 'samples | tee output/samples.txt'
 
 echo; echo "==== wall time per stage"
 printf '  %s\n' "${TIMES[@]}" | tee output/stage_times.txt
 python code/report.py --out output/report.md --runs output/pretrain output/sft \
-  --stage_times output/stage_times.txt --samples output/samples.txt
+  --stage_times output/stage_times.txt --samples output/samples.txt --eval output/sft/eval.json
