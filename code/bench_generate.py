@@ -15,6 +15,7 @@ import torch
 
 from bench_train import hf_llama, print_table
 from k_model import ModelConfig, Transformer, cast_for_inference
+from cli import HelpFormatter
 
 # ---- hyperparameters (CLI flags override) ----
 NEW_TOKENS = 400
@@ -34,7 +35,7 @@ def timed(fn, device):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="a tiny model and 8 tokens, to check that it runs")
     parser.add_argument("--new_tokens", type=int, default=NEW_TOKENS, help="tokens generated per run (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto = cuda if available, else cpu (default: %(default)s)")

@@ -26,6 +26,7 @@ import torch
 
 from ddp_pretrain import PRESETS, autocast, make_optimizer, resolve_dtype
 from k_model import ModelConfig, Transformer, count_parameters, mlp_hidden_dim
+from cli import HelpFormatter
 
 # ---- hyperparameters (CLI flags override) ----
 WARMUP_STEPS = 3
@@ -184,15 +185,15 @@ def print_table(title, header, rows):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny model, two timed steps, random tokens")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--steps", type=int, default=TIMED_STEPS)
-    parser.add_argument("--data_path", default=DATA_PATH)
-    parser.add_argument("--tokenizer_path", default=TOKENIZER_PATH)
+    parser.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
+    parser.add_argument("--steps", type=int, default=TIMED_STEPS, help="timed training steps per path and round")
+    parser.add_argument("--data_path", default=DATA_PATH, help="pretraining jsonl for the packed vs padded table")
+    parser.add_argument("--tokenizer_path", default=TOKENIZER_PATH, help="directory of the tokenizer")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, help="default: on CUDA only")
     parser.add_argument("--time_to_loss", type=float, default=0, help="seconds of training for the chapter's path")
-    parser.add_argument("--val_data_path", default=VAL_DATA_PATH)
+    parser.add_argument("--val_data_path", default=VAL_DATA_PATH, help="held-out jsonl for --time_to_loss")
     args = parser.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     device_type = "cuda" if device.startswith("cuda") else "cpu"

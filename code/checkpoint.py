@@ -32,13 +32,16 @@ def list_checkpoints(out_dir: str):
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    # numpy's state as a tensor and plain numbers: torch.load(weights_only=True) refuses numpy arrays
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -70,10 +73,12 @@ def load_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        # our own file: it holds numpy and python RNG states, which weights_only loading refuses
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: a .pt file is a pickle, and this refuses any code object in it (tensors,
+        # numbers, strings and containers only: what save_checkpoint writes)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or overwritten file fails inside torch's zip reader
-        raise CheckpointError(f"{path}: unreadable checkpoint, truncated or corrupt ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{path}: unreadable checkpoint, truncated or corrupt, or not written by this "
+                              f"trainer ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
     missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{path}: not a training checkpoint (missing {', '.join(missing)})")

@@ -1,4 +1,4 @@
-"""Pretraining (chapter 5.5.1): one process, or DistributedDataParallel under torchrun.
+r"""Pretraining (chapter 5.5.1): one process, or DistributedDataParallel under torchrun.
 
     python code/ddp_pretrain.py --preset demo --data_path data/demo_pretrain.jsonl \
         --val_data_path data/demo_pretrain_val.jsonl --out_dir output/pretrain
@@ -55,7 +55,7 @@ DEFAULTS = dict(
     eval_iters=100,               # validation batches per rank (-1 = the whole file)
     seed=42,
     device="auto",                # auto = cuda if available, else cpu
-    dtype="auto",                 # auto = bfloat16 on CUDA (float16 without bf16 support), float32 on CPU
+    dtype="auto",                 # auto = bfloat16 on CUDA (float16 without bf16); on CPU bfloat16 where it has bf16 matmul instructions, else float32
     num_workers=-1,               # DataLoader workers; -1 = 4 on CUDA, 0 on CPU
     use_swanlab=False,
     report=False,                 # write OUT_DIR/report.md at the end (loss_curve.png is always drawn)
@@ -69,35 +69,78 @@ DEFAULTS = dict(
 PRESETS = {
     # the chapter's 215M model (5.6.2: dim=1024, n_layers=18), for GPUs
     "chapter": dict(dim=1024, n_layers=18, n_heads=16, n_kv_heads=8, max_seq_len=512),
-    # 6M parameters, about 5 minutes on 2 CPU cores
-    # packed token windows (pretokenize.py) with bf16 autocast, which these CPUs multiply fastest
+    # 6M parameters, about 4 minutes on 2 CPU cores, on packed token windows (pretokenize.py);
+    # dtype auto: bf16 autocast on CPUs with bf16 instructions, fp32 on the others
     # (small batches: at this budget more optimizer steps beat more tokens per step)
-    "demo": dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, max_seq_len=256, dtype="bfloat16",
+    "demo": dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, max_seq_len=256, dtype="auto",
                  batch_size=4, accumulation_steps=1, learning_rate=2e-3, warmup_iters=100,
-                 max_steps=1500, log_interval=100, save_interval=500, eval_interval=500, eval_iters=50),
+                 max_steps=800, log_interval=100, save_interval=400, eval_interval=200, eval_iters=-1),
 }
 DDP_TIMEOUT_MINUTES = 60  # how long a rank waits in a collective before the job fails
 SFT_LENGTH_MULTIPLE_CUDA = 64  # trimmed SFT batches round up to this on CUDA: few shapes to compile
 MODEL_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "dropout")
 
 
-def build_parser(description=__doc__) -> argparse.ArgumentParser:
+DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
+HELP = {  # one line per flag; the defaults are DEFAULTS' (a preset may change them, see --preset)
+    "data_path": "training data: a .bin token file (pretokenize.py, packed) or a .jsonl (padded, the chapter's way)",
+    "val_data_path": "held-out data for the validation loss, same kinds as --data_path (none: no validation)",
+    "tokenizer_path": "directory of the tokenizer (train_tokenizer.py)",
+    "out_dir": "where the model, metrics.jsonl, loss_curve.png and checkpoints/ go",
+    "device": "auto = cuda if available, else cpu; or cuda, cuda:1, cpu",
+    "dtype": "autocast dtype; auto = bfloat16 on CUDA (float16 without native bf16), on CPU bfloat16 where it "
+             "has bf16 instructions (AMX, AVX512-BF16), else float32",
+    "resume": 'continue from a checkpoint file, or "auto": the newest readable one in OUT_DIR/checkpoints',
+    "epochs": "passes over the training data (ignored when --max_steps > 0)",
+    "max_steps": "optimizer steps to train; > 0 overrides --epochs",
+    "batch_size": "sequences per micro-batch per process",
+    "accumulation_steps": "micro-batches per optimizer step (global batch = batch_size x this x processes)",
+    "learning_rate": "peak learning rate, reached after the warmup",
+    "min_lr_ratio": "the cosine decays to learning_rate x this",
+    "warmup_iters": "optimizer steps of linear warmup",
+    "weight_decay": "AdamW weight decay (not on norms)",
+    "grad_clip": "clip the gradient norm to this",
+    "log_interval": "print and log the loss every this many optimizer steps",
+    "save_interval": "write a training checkpoint every this many optimizer steps",
+    "eval_interval": "validation loss every this many optimizer steps",
+    "eval_iters": "validation batches per process (-1 = the whole file)",
+    "seed": "random seed (model init, data order)",
+    "num_workers": "DataLoader worker processes (-1 = 4 on CUDA, 0 on CPU)",
+    "keep_checkpoints": "training checkpoints kept in OUT_DIR/checkpoints (the newest)",
+    "max_nonfinite_steps": "stop after this many NaN/inf steps in a row",
+    "dim": "model width (default: the preset's)",
+    "n_layers": "number of DecoderLayers (default: the preset's)",
+    "n_heads": "query heads (default: the preset's)",
+    "n_kv_heads": "key/value heads, GQA (default: the preset's)",
+    "max_seq_len": "tokens per training sequence and the RoPE table's length (default: the preset's)",
+    "dropout": "dropout probability",
+}
+
+
+def build_parser(description=__doc__, defaults=DEFAULTS, presets=PRESETS) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name in ("data_path", "val_data_path", "tokenizer_path", "out_dir", "device", "dtype"):
-        p.add_argument(f"--{name}")
-    p.add_argument("--resume", help='continue from a checkpoint file, or "auto": the newest in OUT_DIR/checkpoints')
-    p.add_argument("--preset")
+
+    def add(name, **kwargs):
+        default = defaults.get(name)
+        shown = "" if default is None else f" (default: {default})"
+        p.add_argument(f"--{name}", help=HELP[name] + shown, **kwargs)
+    for name in ("data_path", "val_data_path", "tokenizer_path", "out_dir", "device", "resume"):
+        add(name)
+    add("dtype", choices=DTYPES)
+    p.add_argument("--preset", choices=sorted(presets), help="model size and hyperparameters: "
+                   + "; ".join(f"{k}: " + ", ".join(f"{f}={v}" for f, v in preset.items()) for k, preset in presets.items())
+                   + f" (default: {defaults['preset']}; flags override it)")
     for name in ("epochs", "max_steps", "batch_size", "accumulation_steps", "warmup_iters", "log_interval",
                  "save_interval", "eval_interval", "eval_iters", "seed", "num_workers", "keep_checkpoints",
-                 "max_nonfinite_steps",
-                 "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
-        p.add_argument(f"--{name}", type=int)
+                 "max_nonfinite_steps", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
+        add(name, type=int)
     for name in ("learning_rate", "min_lr_ratio", "weight_decay", "grad_clip", "dropout"):
-        p.add_argument(f"--{name}", type=float)
+        add(name, type=float)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="torch.compile the model (default: on CUDA, off on CPU)")
+                   help="torch.compile the model (default: on CUDA cards of compute capability 7.0+, off on CPU)")
     p.add_argument("--report", action="store_true", help="write OUT_DIR/report.md with losses, curve and samples")
-    p.add_argument("--use_swanlab", action="store_true", help="log to swanlab in OUT_DIR/swanlog (SWANLAB_MODE: offline by default, no account needed)")
+    p.add_argument("--use_swanlab", action="store_true", help="log to swanlab in OUT_DIR/swanlog (SWANLAB_MODE: "
+                   "offline by default, no account needed)")
     return add_plan_arguments(p)
 
 
@@ -183,9 +226,16 @@ def resolve_dtype(name: str, device_type: str) -> torch.dtype:
         if device_type == "cuda":
             # without emulation: V100/T4 (sm70/75) report bf16 "supported" but only emulate it, slowly
             return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-        return torch.float32
+        return torch.bfloat16 if cpu_has_bf16_matmul() else torch.float32
     return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
             "float32": torch.float32, "fp32": torch.float32}[name]
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """AMX (Intel Xeon 4th gen and newer) or AVX512-BF16 (AMD Zen 4 and newer): bf16 autocast is
+    faster there (1.25x with AMX on the demo); without them it is emulated, 3x slower than fp32."""
+    checks = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
+    return any(check is not None and check() for check in checks)
 
 
 def autocast(device_type: str, dtype: torch.dtype):
@@ -349,10 +399,172 @@ class StopRequest:
         print(f"received {signal.Signals(signum).name}: saving a checkpoint after this step", file=sys.stderr, flush=True)
 
 
+def train_epoch(epoch, train_loader, model, optimizer, scaler, run: "Run", args, start_batch=0) -> bool:
+    """One epoch of the chapter's loop (5.5.1): learning-rate schedule, forward under autocast,
+    backward, and every accumulation_steps micro-batches a clipped optimizer step. What happens
+    around a step (logging, validation, checkpoints, the NaN guard, signals) is `run`'s.
+    Returns False when training is over (max steps reached, or a stop signal)."""
+    for step_in_epoch, (X, Y, loss_mask) in enumerate(train_loader, start=start_batch):
+        window, last_micro = run.accumulation_window(step_in_epoch)
+        lr = get_lr(run.step, run.total_steps, args)
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lr
+        X = X.to(run.ctx.device, non_blocking=True)  # input tokens
+        Y = Y.to(run.ctx.device, non_blocking=True)  # next tokens; -100 where not trained (padding, prompts)
+        # the chapter multiplies the loss by loss_mask; here the -100 labels already make it the mean over
+        # trained tokens. Under DDP, gradients are all-reduced only on the window's last backward.
+        with run.no_sync_unless(last_micro):
+            with autocast(run.ctx.device_type, run.dtype):
+                loss = model(X, Y).loss / window  # gradient accumulation
+            scaler.scale(loss).backward()
+        run.count(loss, loss_mask)
+        if not last_micro:
+            continue
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), args.grad_clip)
+        if run.update_is_finite(grad_norm):  # a NaN/inf step is skipped, not applied
+            scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if not run.after_step(lr, grad_norm, epoch, step_in_epoch):
+            return False
+    return True
+
+
+class Run:
+    """Everything around the chapter's loop: step count, logs, validation, checkpoints, the
+    non-finite guard and stop signals. train() sets it up; train_epoch() calls it."""
+
+    def __init__(self, args, ctx: Dist, raw_model, model, eval_model, optimizer, scaler, dtype, val_set,
+                 batches_per_epoch, total_steps, step, last_checkpoint, tokenizer_sha256, run_id):
+        self.args, self.ctx, self.raw_model, self.model, self.eval_model = args, ctx, raw_model, model, eval_model
+        self.optimizer, self.scaler, self.dtype, self.val_set = optimizer, scaler, dtype, val_set
+        self.batches_per_epoch, self.total_steps, self.step = batches_per_epoch, total_steps, step
+        self.last_checkpoint, self.tokenizer_sha256 = last_checkpoint, tokenizer_sha256
+        self.logger = Logger(args, ctx, resume_step=step, run_id=run_id)
+        self.stop = StopRequest()
+        self.loss_accum = torch.zeros((), device=ctx.device)  # summed on the device: no sync per micro-step
+        self.window_loss = torch.zeros((), device=ctx.device)
+        self.tokens_seen = 0  # loss_mask lives on the host: counting it costs no sync
+        self.steps_since_log, self.t_log, self.t_start, self.start_step = 0, time.time(), time.time(), step
+        self.nonfinite_in_a_row, self.stopped_by_signal = 0, False
+
+    # ---- inside an accumulation window
+
+    def accumulation_window(self, batch: int):
+        """(micro-batches in this batch's window, whether it is the window's last). The last window
+        of an epoch may be shorter: its loss is scaled by its real size instead of being dropped."""
+        window_start = batch - batch % self.args.accumulation_steps
+        window = min(self.args.accumulation_steps, self.batches_per_epoch - window_start)
+        return window, batch == window_start + window - 1
+
+    def no_sync_unless(self, last_micro: bool):
+        return self.model.no_sync() if self.ctx.ddp and not last_micro else nullcontext()
+
+    def count(self, loss, loss_mask):
+        self.window_loss += loss.detach()
+        self.tokens_seen += int(loss_mask.sum())
+
+    # ---- after the backward of a window
+
+    def update_is_finite(self, grad_norm) -> bool:
+        """Advance the step; False (skip the update) if the loss or gradient is NaN/inf, and stop
+        the run after max_nonfinite_steps of those in a row."""
+        self.step += 1
+        self.steps_since_log += 1
+        self.loss_accum += self.window_loss
+        window_loss, self.window_loss = self.window_loss.clone(), self.window_loss.zero_()
+        # gradients are all-reduced, so every rank sees the same norm and takes the same branch
+        if math.isfinite(grad_norm.item()):
+            self.nonfinite_in_a_row = 0
+            return True
+        overflow_only = False
+        if self.scaler.is_enabled():  # float16: the scaler finding its scale is routine; a non-finite loss is not
+            overflow_only = not self.ctx.any(not math.isfinite(window_loss.item()))
+        self.nonfinite_in_a_row += 0 if overflow_only else 1
+        self.ctx.print(f"step {self.step}: non-finite loss or gradient, update skipped "
+                       f"({self.nonfinite_in_a_row} in a row)")
+        self.logger.log({"skipped": "non-finite loss or gradient"}, self.step)
+        if self.nonfinite_in_a_row >= self.args.max_nonfinite_steps:
+            self.close()
+            raise TrainingError(f"step {self.step}: {self.nonfinite_in_a_row} non-finite steps in a row; stopping. "
+                                f"Last good checkpoint: {self.last_checkpoint or 'none'} (lower --learning_rate "
+                                "and --resume it)")
+        return False
+
+    def after_step(self, lr, grad_norm, epoch, batch) -> bool:
+        """Log, validate and checkpoint when due; False when training is over."""
+        args, step = self.args, self.step
+        if step % args.log_interval == 0 or step == self.total_steps:
+            self.log_train(lr, grad_norm, epoch)
+        if self.val_set is not None and (step % args.eval_interval == 0 or step == self.total_steps):
+            self.log_validation()
+        self.stopped_by_signal = self.ctx.any(self.stop.requested)
+        # the position saved is the next batch of this epoch (or the next epoch's first)
+        position = (epoch, batch + 1) if batch + 1 < self.batches_per_epoch else (epoch + 1, 0)
+        if self.stopped_by_signal or (step % args.save_interval == 0 and step < self.total_steps):
+            self.last_checkpoint = self.save_checkpoint(*position) or self.last_checkpoint
+        return step < self.total_steps and not self.stopped_by_signal
+
+    def log_train(self, lr, grad_norm, epoch):
+        ctx, step = self.ctx, self.step
+        loss_sum, tokens = ctx.all_reduce_sum([self.loss_accum.item(), self.tokens_seen])
+        train_loss = loss_sum / ctx.world_size / self.steps_since_log
+        tokens_per_s = tokens / (time.time() - self.t_log)
+        eta = (time.time() - self.t_start) / (step - self.start_step) * (self.total_steps - step)
+        memory = {"peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30} if ctx.device_type == "cuda" else {}
+        ctx.print(f"epoch {epoch + 1} | step {step}/{self.total_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
+                  f"grad norm {grad_norm.item():.3f} | {tokens_per_s:,.0f} tok/s | eta {format_eta(eta)}"
+                  + (f" | peak {memory['peak_memory_gib']:.1f} GiB" if memory else ""))
+        self.logger.log({"loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s,
+                         "time": time.time() - self.t_start, **memory}, step)
+        self.loss_accum.zero_()
+        self.tokens_seen, self.steps_since_log, self.t_log = 0, 0, time.time()
+
+    def log_validation(self):
+        val_loss = evaluate(self.eval_model, self.val_set, self.args, self.ctx, self.dtype)
+        self.ctx.print(f"step {self.step} | val loss {val_loss:.4f}")
+        self.logger.log({"val_loss": val_loss, "time": time.time() - self.t_start}, self.step)
+
+    def log_start(self, first_batch):
+        """Step 0, before any update: the loss curves then show where training starts."""
+        X, Y, _ = first_batch
+        self.eval_model.eval()
+        with torch.no_grad(), autocast(self.ctx.device_type, self.dtype):
+            loss = self.eval_model(X.to(self.ctx.device), Y.to(self.ctx.device)).loss.item()
+        self.eval_model.train()
+        loss = self.ctx.all_reduce_sum([loss])[0] / self.ctx.world_size
+        self.ctx.print(f"step 0 | loss {loss:.4f} (before training)")
+        self.logger.log({"loss": loss, "lr": 0.0, "time": 0.0}, 0)
+        if self.val_set is not None:
+            self.log_validation()
+
+    def save_checkpoint(self, epoch, batch_in_epoch):
+        from checkpoint import checkpoint_path, rng_state, save_checkpoint
+        ctx = self.ctx
+        rng = ctx.gather(rng_state())
+        if not ctx.is_master:
+            return None
+        path = checkpoint_path(self.args.out_dir, self.step)
+        t0 = time.time()
+        save_checkpoint(path, {
+            "model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(), "step": self.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+            "rng": rng, "config": self.raw_model.config.to_dict(), "tokenizer_sha256": self.tokenizer_sha256,
+            "run_id": self.logger.run_id, "world_size": ctx.world_size, "args": vars(self.args)},
+            self.args.keep_checkpoints)
+        ctx.print(f"checkpoint {path} ({os.path.getsize(path) / 2**20:.1f} MiB, {time.time() - t0:.1f}s)")
+        return path
+
+    def close(self):
+        self.logger.close()
+        self.stop.restore()
+
+
 def train(args, model, train_set, val_set, ctx: Dist, trim_batches=False):
-    """The loop shared by pretraining and SFT: AdamW, cosine LR, accumulation, clipping, eval,
-    checkpoints, resume, and the final save_pretrained."""
-    from checkpoint import checkpoint_path, load_weights, rng_state, save_checkpoint, set_rng_state
+    """Set up and run the loop shared by pretraining and SFT: device and dtype, resume, compile,
+    DDP, AdamW, the data loader; then train_epoch until the last step, and the final save_pretrained."""
+    from checkpoint import load_weights, set_rng_state
     from k_model import count_parameters
     dtype = resolve_dtype(args.dtype, ctx.device_type)
     if ctx.device_type == "cuda":
@@ -401,118 +613,27 @@ def train(args, model, train_set, val_set, ctx: Dist, trim_batches=False):
         ctx.print(f"resumed from {last_checkpoint}: step {step}, epoch {epoch + 1}, batch {start_batch}")
         del state
 
-    def save_checkpoint_now(epoch, batch_in_epoch):
-        rng = ctx.gather(rng_state())
-        if ctx.is_master:
-            path = checkpoint_path(args.out_dir, step)
-            t0 = time.time()
-            save_checkpoint(path, {
-                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": rng,
-                "config": raw_model.config.to_dict(), "tokenizer_sha256": tokenizer_sha256, "run_id": logger.run_id,
-                "world_size": ctx.world_size, "args": vars(args)}, args.keep_checkpoints)
-            ctx.print(f"checkpoint {path} ({os.path.getsize(path) / 2**20:.1f} MiB, {time.time() - t0:.1f}s)")
-            return path
-        return None
-
-    logger = Logger(args, ctx, resume_step=step, run_id=run_id)
-    stop = StopRequest()
-    loss_accum = torch.zeros((), device=ctx.device)  # summed on the device: no sync per micro-step
-    window_loss = torch.zeros((), device=ctx.device)
-    tokens_seen = 0  # loss_mask lives on the host: counting it costs no sync
-    steps_since_log, t_log, t_start, start_step = 0, time.time(), time.time(), step
-    nonfinite_in_a_row, stopped_by_signal = 0, False
-    while step < total_steps and not stopped_by_signal:
-        for batch, (X, Y, loss_mask) in enumerate(epoch_loader(epoch, start_batch), start=start_batch):
-            # the last window of an epoch may be shorter: scale by its real size instead of dropping it
-            window_start = batch - batch % args.accumulation_steps
-            window = min(args.accumulation_steps, batches_per_epoch - window_start)
-            last_micro = batch == window_start + window - 1
-            lr = get_lr(step, total_steps, args)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            X = X.to(ctx.device, non_blocking=True)
-            Y = Y.to(ctx.device, non_blocking=True)
-            # all-reduce gradients only on the window's last backward
-            sync = model.no_sync() if ctx.ddp and not last_micro else nullcontext()
-            with sync:
-                with autocast(ctx.device_type, dtype):
-                    loss = model(X, Y).loss / window
-                scaler.scale(loss).backward()
-            window_loss += loss.detach()
-            tokens_seen += int(loss_mask.sum())
-            if not last_micro:
-                continue
-
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-            step += 1
-            steps_since_log += 1
-            loss_accum += window_loss
-            # gradients are all-reduced, so every rank sees the same norm and takes the same branch
-            if not math.isfinite(grad_norm.item()):
-                optimizer.zero_grad(set_to_none=True)
-                overflow_only = False
-                if scaler.is_enabled():
-                    scaler.update()  # float16 overflow: lower the loss scale, as scaler.step would
-                    # the scaler finding its scale is routine; only a non-finite loss counts
-                    overflow_only = not ctx.any(not math.isfinite(window_loss.item()))
-                nonfinite_in_a_row += 0 if overflow_only else 1
-                ctx.print(f"step {step}: non-finite loss or gradient, update skipped ({nonfinite_in_a_row} in a row)")
-                logger.log({"skipped": "non-finite loss or gradient"}, step)
-                if nonfinite_in_a_row >= args.max_nonfinite_steps:
-                    logger.close()
-                    stop.restore()
-                    raise TrainingError(f"step {step}: {nonfinite_in_a_row} non-finite steps in a row; stopping. "
-                                        f"Last good checkpoint: {last_checkpoint or 'none'} (lower --learning_rate "
-                                        "and --resume it)")
-            else:
-                nonfinite_in_a_row = 0
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-            window_loss.zero_()
-
-            if step % args.log_interval == 0 or step == total_steps:
-                loss_sum, tokens = ctx.all_reduce_sum([loss_accum.item(), tokens_seen])
-                elapsed = time.time() - t_log
-                train_loss = loss_sum / ctx.world_size / steps_since_log
-                tokens_per_s = tokens / elapsed
-                eta = (time.time() - t_start) / (step - start_step) * (total_steps - step)
-                memory = {"peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30} if ctx.device_type == "cuda" else {}
-                ctx.print(f"epoch {epoch + 1} | step {step}/{total_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
-                          f"grad norm {grad_norm.item():.3f} | {tokens_per_s:,.0f} tok/s | eta {format_eta(eta)}"
-                          + (f" | peak {memory['peak_memory_gib']:.1f} GiB" if memory else ""))
-                logger.log({"loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                            "tokens_per_s": tokens_per_s, "time": time.time() - t_start, **memory}, step)
-                loss_accum.zero_()
-                tokens_seen = 0
-                steps_since_log, t_log = 0, time.time()
-            if val_set is not None and (step % args.eval_interval == 0 or step == total_steps):
-                val_loss = evaluate(eval_model, val_set, args, ctx, dtype)
-                ctx.print(f"step {step} | val loss {val_loss:.4f}")
-                logger.log({"val_loss": val_loss, "time": time.time() - t_start}, step)
-            stopped_by_signal = ctx.any(stop.requested)
-            # the position saved is the next batch of this epoch (or the next epoch's first)
-            position = (epoch, batch + 1) if batch + 1 < batches_per_epoch else (epoch + 1, 0)
-            if stopped_by_signal or (step % args.save_interval == 0 and step < total_steps):
-                last_checkpoint = save_checkpoint_now(*position) or last_checkpoint
-            if step >= total_steps or stopped_by_signal:
-                break
+    run = Run(args, ctx, raw_model, model, eval_model, optimizer, scaler, dtype, val_set, batches_per_epoch,
+              total_steps, step, last_checkpoint, tokenizer_sha256, run_id)
+    if step == 0:
+        run.log_start(next(iter(epoch_loader(0))))
+    while run.step < total_steps:
+        if not train_epoch(epoch, epoch_loader(epoch, start_batch), model, optimizer, scaler, run, args, start_batch):
+            break
         epoch, start_batch = epoch + 1, 0
-
-    stop.restore()
+    run.stop.restore()
+    step = run.step
     if use_compile:  # more than a few graphs, or any break, means the compiled model is slower than it should be
         from torch._dynamo.utils import counters
         graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
         ctx.print(f"torch.compile: {graphs} graphs, {breaks} graph breaks")
-        logger.log({"compiled_graphs": graphs, "graph_breaks": breaks}, step)
-    if stopped_by_signal:
+        run.logger.log({"compiled_graphs": graphs, "graph_breaks": breaks}, step)
+    if run.stopped_by_signal:
         ctx.print(f"stopped at step {step}; continue with --resume auto")
     elif ctx.is_master:
         save_model(raw_model, args)
-        ctx.print(f"saved {args.out_dir} after {step} steps in {format_eta(time.time() - t_start)}")
-    logger.close()
+        ctx.print(f"saved {args.out_dir} after {step} steps in {format_eta(time.time() - run.t_start)}")
+    run.logger.close()
     if ctx.is_master:
         from report import plot_losses
         plot_losses(args.out_dir)
@@ -611,8 +732,6 @@ def check_paths(args):
         path = getattr(args, name)
         if path and not os.path.isfile(path) and not args.dry_run:
             raise FileNotFoundError(f"{path}: file not found (--{name})")
-    if args.dtype not in ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32"):
-        raise ValueError(f"unknown --dtype {args.dtype}")
 
 
 def load_tokenizer_or_none(args):
@@ -636,8 +755,12 @@ def main(argv=None):
         tokenizer = load_tokenizer_or_none(args) if args.dry_run else load_tokenizer(args.tokenizer_path)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    try:
+        config = model_config(args, tokenizer)
+    except ValueError as e:  # sizes that do not fit together, e.g. --dim 100 with 8 heads
+        sys.exit(f"error: {e}")
     if args.dry_run:
-        return dry_run(args, model_config(args, tokenizer), tokenizer)
+        return dry_run(args, config, tokenizer)
 
     from k_model import Transformer
     ctx = Dist(args.device)
@@ -648,7 +771,7 @@ def main(argv=None):
     except (JsonlError, ValueError, FileNotFoundError) as e:
         ctx.close()
         sys.exit(f"error: {e}")
-    model = Transformer(model_config(args, tokenizer))
+    model = Transformer(config)
     run_training(args, model, train_set, val_set, ctx)
 
 

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning (chapter 5.5.2): the pretraining loop on chats, loss on answers only.
+r"""Supervised fine-tuning (chapter 5.5.2): the pretraining loop on chats, loss on answers only.
 
     python code/ddp_sft.py --preset demo --data_path data/demo_sft.jsonl \
         --val_data_path data/demo_sft_val.jsonl --pretrained_path output/pretrain --out_dir output/sft
@@ -35,7 +35,7 @@ DEFAULTS = dict(
 PRESETS = {
     "chapter": dict(ddp_pretrain.PRESETS["chapter"]),
     "demo": dict({k: ddp_pretrain.PRESETS["demo"][k] for k in ddp_pretrain.MODEL_FIELDS if k in ddp_pretrain.PRESETS["demo"]},
-                 dtype="bfloat16", batch_size=16, accumulation_steps=1, learning_rate=2e-3, warmup_iters=20, epochs=3,
+                 dtype="auto", batch_size=16, accumulation_steps=1, learning_rate=2e-3, warmup_iters=20, epochs=1,
                  max_steps=-1, log_interval=25, save_interval=1000, eval_interval=100, eval_iters=-1),
 }
 
@@ -57,6 +57,20 @@ def add_lora(model, args):
     return get_peft_model(model, config)
 
 
+def init_model(args, tokenizer, ctx: Dist):
+    """The chapter's init_model (5.5.2): the pretrained model, loaded strictly (the chapter's
+    strict=False silently kept random weights for whatever did not match), with LoRA adapters
+    when --lora_rank > 0. The tokenizer was loaded before, by main."""
+    from k_model import load_model
+    model = load_model(args.pretrained_path, config=requested_architecture(args, tokenizer), dropout=args.dropout)
+    ctx.print(f"loaded {args.pretrained_path}")
+    if args.lora_rank > 0:
+        model = add_lora(model, args)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        ctx.print(f"LoRA rank {args.lora_rank} on {args.lora_targets}: {trainable:,} trainable parameters")
+    return model
+
+
 def lora_parameter_count(config, args) -> int:
     """Trainable parameters of LoRA adapters: rank * (inputs + outputs) per adapted Linear."""
     from k_model import Transformer
@@ -69,12 +83,14 @@ def lora_parameter_count(config, args) -> int:
 
 
 def main(argv=None):
-    parser = ddp_pretrain.build_parser(__doc__)
-    parser.add_argument("--pretrained_path")
-    parser.add_argument("--lora_rank", type=int, help="LoRA rank; 0 = full fine-tuning")
-    parser.add_argument("--lora_alpha", type=float)
-    parser.add_argument("--lora_dropout", type=float)
-    parser.add_argument("--lora_targets", help="comma-separated module names")
+    parser = ddp_pretrain.build_parser(__doc__, DEFAULTS, PRESETS)
+    parser.add_argument("--pretrained_path", help=f"the pretrained model directory (default: {DEFAULTS['pretrained_path']})")
+    parser.add_argument("--lora_rank", type=int, help=f"LoRA rank; 0 = full fine-tuning (default: {DEFAULTS['lora_rank']})")
+    parser.add_argument("--lora_alpha", type=float, help=f"LoRA scaling: the update is alpha / rank x B A "
+                        f"(default: {DEFAULTS['lora_alpha']})")
+    parser.add_argument("--lora_dropout", type=float, help=f"dropout on the LoRA path (default: {DEFAULTS['lora_dropout']})")
+    parser.add_argument("--lora_targets", help=f"comma-separated names of the Linear layers that get adapters "
+                        f"(default: {DEFAULTS['lora_targets']})")
     args = parse_args(argv, parser, DEFAULTS, PRESETS)
     try:
         check_paths(args)
@@ -83,7 +99,7 @@ def main(argv=None):
         sys.exit(f"error: {e}")
 
     from dataset import SFTDataset
-    from k_model import ModelConfig, load_model
+    from k_model import ModelConfig
     if args.dry_run:  # the architecture from the pretrained config.json (no weights read), else the flags
         have_pretrained = os.path.isfile(os.path.join(args.pretrained_path, "config.json"))
         config = ModelConfig.from_pretrained(args.pretrained_path) if have_pretrained \
@@ -97,9 +113,7 @@ def main(argv=None):
     ctx = Dist(args.device)
     set_seed(args.seed)
     try:
-        # strict load (the chapter used strict=False, which silently kept random weights)
-        model = load_model(args.pretrained_path, config=requested_architecture(args, tokenizer),
-                           dropout=args.dropout)
+        model = init_model(args, tokenizer, ctx)
         max_length = args.max_seq_len or model.config.max_seq_len
         train_set = SFTDataset(args.data_path, tokenizer, max_length=max_length)
         val_set = SFTDataset(args.val_data_path, tokenizer, max_length=max_length) \
@@ -107,11 +121,6 @@ def main(argv=None):
     except (FileNotFoundError, ValueError, JsonlError) as e:
         ctx.close()
         sys.exit(f"error: {e}")
-    ctx.print(f"loaded {args.pretrained_path}")
-    if args.lora_rank > 0:
-        model = add_lora(model, args)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        ctx.print(f"LoRA rank {args.lora_rank} on {args.lora_targets}: {trainable:,} trainable parameters")
     # random batches cut to their longest chat: grouping chats by length trained far worse on the demo
     run_training(args, model, train_set, val_set, ctx, trim_batches=True, sample_mode="chat")
 

@@ -17,6 +17,7 @@ import sys
 import torch
 
 from k_model import ModelConfig, Transformer, load_model, mlp_hidden_dim
+from cli import HelpFormatter
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -167,11 +168,11 @@ def import_llama(checkpoint: str, save_dir: str):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", default="output/sft", help="a Tiny-K save_pretrained directory or training "
                         "checkpoint file (with --to_tiny_k: a Hugging Face Llama directory)")
     parser.add_argument("--tokenizer_path", default=None, help="default: the tokenizer saved in --checkpoint")
-    parser.add_argument("--save_dir", default="output/hf")
+    parser.add_argument("--save_dir", default="output/hf", help="where the exported (or imported) model goes")
     parser.add_argument("--to_tiny_k", action="store_true", help="import a Hugging Face Llama instead")
     args = parser.parse_args(argv)
     try:

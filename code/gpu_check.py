@@ -21,6 +21,7 @@ import tempfile
 import time
 
 import torch
+from cli import HelpFormatter
 
 CODE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, CODE)
@@ -95,7 +96,7 @@ def generation_speed(model, batch, new_tokens, compile_decode):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny model, few steps, on CPU: tests this script")
     parser.add_argument("--work_dir", help="where the data and runs go (default: a temporary directory)")
     args = parser.parse_args(argv)

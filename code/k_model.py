@@ -57,6 +57,20 @@ class ModelConfig(PretrainedConfig):
         kwargs.setdefault("eos_token_id", 2)
         kwargs.setdefault("tie_word_embeddings", True)
         super().__init__(**kwargs)
+        check_architecture(self)
+
+
+def check_architecture(config) -> None:
+    """A one-line ValueError for sizes the model cannot be built with (instead of an assert deep
+    inside Attention)."""
+    n_kv_heads = config.n_kv_heads or config.n_heads
+    if config.dim % config.n_heads:
+        raise ValueError(f"dim {config.dim} is not a multiple of n_heads {config.n_heads} (each head gets dim / n_heads)")
+    if (config.dim // config.n_heads) % 2:
+        raise ValueError(f"head size dim / n_heads = {config.dim // config.n_heads} is odd; RoPE rotates pairs")
+    if config.n_heads % n_kv_heads:
+        raise ValueError(f"n_heads {config.n_heads} is not a multiple of n_kv_heads {n_kv_heads} (GQA shares "
+                         "each key/value head among n_heads / n_kv_heads query heads)")
 
 
 # Fields that define the architecture: a checkpoint must match them exactly to be loaded.
@@ -398,6 +412,7 @@ class Transformer(PreTrainedModel):
                         repetition_penalty=1.0, min_new_tokens=0, seed=None, attention_mask=None,
                         use_kv_cache=True, compile_decode=False):
         """generate() one step at a time: yields each new (batch, 1) column of tokens."""
+        check_sampling(temperature, top_k, top_p, repetition_penalty)
         batch, prompt_len = idx.shape
         if prompt_len > self.args.max_seq_len:
             raise ValueError(f"prompt of {prompt_len} tokens is longer than max_seq_len={self.args.max_seq_len}")
@@ -506,6 +521,18 @@ def cast_for_inference(model: "Transformer", dtype: torch.dtype) -> "Transformer
                                                             model.args.max_seq_len, model.args.rope_theta)
     model.freqs_cos, model.freqs_sin = model.freqs_cos.to(model.device), model.freqs_sin.to(model.device)
     return model
+
+
+def check_sampling(temperature, top_k=None, top_p=None, repetition_penalty=1.0) -> None:
+    """Refuse settings that would sample nonsense (a negative temperature favours the least likely tokens)."""
+    if temperature < 0:
+        raise ValueError(f"temperature {temperature} < 0; use 0 for greedy, about 0.7 to sample")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k {top_k} < 0; 0 (or None) turns it off")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p {top_p} is outside (0, 1]; 1 turns it off")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty {repetition_penalty} <= 0; 1 turns it off")
 
 
 def apply_repetition_penalty(logits, context, context_mask, penalty, exempt=None):

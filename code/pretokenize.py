@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jsonl import JsonlError, read_jsonl, text_of
+from cli import HelpFormatter
 
 # ---- hyperparameters (CLI flags override) ----
 TOKENIZER_PATH = "tokenizer_k"
@@ -113,11 +114,11 @@ def pretokenize(data_path: str, tokenizer_path: str, out_path: str, num_proc: in
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data_path", nargs="+", required=True, help="pretraining jsonl file(s)")
-    parser.add_argument("--tokenizer_path", default=TOKENIZER_PATH)
+    parser.add_argument("--tokenizer_path", default=TOKENIZER_PATH, help="directory of the tokenizer (train_tokenizer.py)")
     parser.add_argument("--out_path", help="default: the data path with .bin instead of .jsonl (one input only)")
-    parser.add_argument("--num_proc", type=int, default=NUM_PROC)
+    parser.add_argument("--num_proc", type=int, default=NUM_PROC, help="tokenizing worker processes (default: all cores)")
     args = parser.parse_args(argv)
     if args.out_path and len(args.data_path) > 1:
         parser.error("--out_path takes one --data_path")

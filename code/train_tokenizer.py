@@ -14,6 +14,7 @@ from typing import Iterator, List
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from jsonl import JsonlError, read_jsonl, text_of
+from cli import HelpFormatter
 
 # ---- hyperparameters (CLI flags override) ----
 DATA_PATH = "data/demo_pretrain.jsonl"
@@ -142,11 +143,11 @@ def eval_tokenizer(save_dir: str) -> None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data_path", nargs="+", default=[DATA_PATH], help="jsonl file(s) to train on")
-    parser.add_argument("--save_dir", default=SAVE_DIR)
-    parser.add_argument("--vocab_size", type=int, default=VOCAB_SIZE)
-    parser.add_argument("--min_frequency", type=int, default=MIN_FREQUENCY)
+    parser.add_argument("--save_dir", default=SAVE_DIR, help="where tokenizer.json and its config go")
+    parser.add_argument("--vocab_size", type=int, default=VOCAB_SIZE, help="tokens in the vocabulary, the 5 special ones included")
+    parser.add_argument("--min_frequency", type=int, default=MIN_FREQUENCY, help="a pair must occur this often to be merged")
     args = parser.parse_args(argv)
     try:
         train_tokenizer(args.data_path, args.save_dir, args.vocab_size, args.min_frequency)

@@ -25,7 +25,7 @@ def pretrained(tokenizer_dir, tmp_path):
 def sft_argv(tokenizer_dir, pretrained, out, data, *extra):
     return ["--data_path", data, "--tokenizer_path", tokenizer_dir, "--pretrained_path", str(pretrained),
             "--out_dir", str(out), "--batch_size", "8", "--accumulation_steps", "1", "--learning_rate", "1e-2",
-            "--warmup_iters", "2", "--max_steps", "15", "--log_interval", "5", "--device", "cpu",
+            "--warmup_iters", "2", "--max_steps", "15", "--log_interval", "5", "--device", "cpu", "--dtype", "float32",
             "--lora_rank", "4", "--lora_alpha", "8", "--lora_dropout", "0", *extra]
 
 
@@ -71,8 +71,9 @@ def test_lora_under_torchrun(tokenizer_dir, pretrained, tmp_path):
 
 def test_every_run_writes_metrics_a_loss_curve_and_on_request_a_report(pretrained, tmp_path):
     lines = [json.loads(line) for line in open(pretrained / "metrics.jsonl")]
-    assert [m["step"] for m in lines if "loss" in m] == [1, 2, 3]
-    assert all({"loss", "lr", "grad_norm", "tokens_per_s", "time"} <= m.keys() for m in lines if "loss" in m)
+    assert [m["step"] for m in lines if "loss" in m] == [0, 1, 2, 3]  # step 0: before training, lr 0
+    assert lines[0]["lr"] == 0.0 and "tokens_per_s" not in lines[0]
+    assert all({"loss", "lr", "grad_norm", "tokens_per_s", "time"} <= m.keys() for m in lines[1:] if "loss" in m)
     assert (pretrained / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (pretrained / "report.md").read_text()
     assert "final train loss" in report and "![loss curve" in report and "0.04M" in report

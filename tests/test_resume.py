@@ -150,10 +150,10 @@ def test_one_nan_loss_skips_exactly_one_step(tokenizer_dir, data, tmp_path, monk
     import k_model
     real_loss, calls = k_model.masked_cross_entropy, []
 
-    def nan_on_fifth(logits, targets):
+    def nan_on_fifth(logits, targets):  # the first call is the step-0 loss, before training
         calls.append(1)
         loss = real_loss(logits, targets)
-        return loss * float("nan") if len(calls) == 5 else loss
+        return loss * float("nan") if len(calls) == 1 + 5 else loss
     monkeypatch.setattr(k_model, "masked_cross_entropy", nan_on_fifth)
     out = tmp_path / "out"
     run_main(pretrain_argv(tokenizer_dir, data, out, "--max_steps", "8"))
@@ -171,7 +171,7 @@ def test_persistent_nan_stops_the_run_naming_the_last_checkpoint(tokenizer_dir, 
 
     def nan_from_seventh(logits, targets):
         calls.append(1)
-        return real_loss(logits, targets) * (float("nan") if len(calls) >= 7 else 1.0)
+        return real_loss(logits, targets) * (float("nan") if len(calls) >= 1 + 7 else 1.0)  # 1: step 0
     monkeypatch.setattr(k_model, "masked_cross_entropy", nan_from_seventh)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as info:

@@ -17,12 +17,13 @@ def pretrain_argv(tokenizer_dir, data_path, out_dir, *extra):
     return ["--data_path", str(data_path), "--tokenizer_path", tokenizer_dir, "--out_dir", str(out_dir),
             *TINY_MODEL, "--batch_size", "4", "--accumulation_steps", "1", "--learning_rate", "3e-3",
             "--warmup_iters", "2", "--max_steps", "20", "--log_interval", "1", "--eval_interval", "1000",
-            "--save_interval", "1000", "--device", "cpu", "--seed", "0", *extra]
+            "--save_interval", "1000", "--device", "cpu", "--dtype", "float32", "--seed", "0", *extra]
 
 
-def read_metrics(out_dir, key):
+def read_metrics(out_dir, key, first_step=1):
+    """(step, value) of the logged key; from step 1 unless asked (step 0 is the loss before training)."""
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [(m["step"], m[key]) for m in map(json.loads, f) if key in m]
+        return [(m["step"], m[key]) for m in map(json.loads, f) if key in m and m["step"] >= first_step]
 
 
 @pytest.fixture
@@ -41,6 +42,12 @@ def test_pretraining_lowers_the_loss_and_saves_everything(tokenizer_dir, pretrai
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
     val_losses = [loss for _, loss in read_metrics(out, "val_loss")]
     assert len(val_losses) == 3 and val_losses[-1] < val_losses[0]
+    # step 0, before any update: the curves show where training starts, with lr 0
+    (step0, loss0), = read_metrics(out, "loss", first_step=0)[:1]
+    # the first step trains on the same first batch: its logged (pre-update) loss is the step-0 loss
+    assert step0 == 0 and loss0 == pytest.approx(losses[0], rel=1e-5)
+    assert read_metrics(out, "lr", first_step=0)[0] == (0, 0.0)
+    assert read_metrics(out, "val_loss", first_step=0)[0][0] == 0
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         assert (out / name).is_file(), name
     model = load_model(str(out))
