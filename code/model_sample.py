@@ -1,7 +1,7 @@
 """Sample from a trained model (chapter 5.6): text continuation, one-shot answers, or a chat.
 
     python code/model_sample.py --mode pretrain --checkpoint output/pretrain
-    python code/model_sample.py --mode chat --checkpoint output/sft                # 20 built-in prompts
+    python code/model_sample.py --mode chat --checkpoint output/sft                # 12 built-in prompts: poems and greetings
     python code/model_sample.py --mode chat --checkpoint output/sft --prompt 你好    # one-shot
     python code/model_sample.py --chat --checkpoint output/sft                     # talk to it (/reset, /exit)
 """
@@ -185,14 +185,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--mode", choices=["pretrain", "chat"], default="chat", help="pretrain: continue texts (poem openings); chat: answer prompts")
     parser.add_argument("--chat", action="store_true", help="interactive multi-turn chat on the terminal")
-    parser.add_argument("--checkpoint", default=CHECKPOINT, help="a Tiny-K or exported Hugging Face model directory, or a training checkpoint .pt (with --tokenizer_path)")
-    parser.add_argument("--tokenizer_path", default=None, help="the tokenizer directory (default: the one saved in --checkpoint)")
-    parser.add_argument("--prompt", action="append", help="prompt or start text, repeatable (default: the built-in examples)")
+    parser.add_argument("--checkpoint", default=CHECKPOINT, help="a Tiny-K or exported Hugging Face model directory, "
+                        "or a training checkpoint .pt (with --tokenizer_path)")
+    parser.add_argument("--tokenizer_path", default=None,
+                        help="the tokenizer directory (default: the one saved in --checkpoint)")
+    parser.add_argument("--prompt", action="append",
+                        help="prompt or start text, repeatable (default: the built-in examples)")
     parser.add_argument("--max_new_tokens", type=int, default=MAX_NEW_TOKENS, help="the most tokens to generate per answer")
     parser.add_argument("--temperature", type=float, default=TEMPERATURE, help="sampling temperature, >= 0; 0 = greedy")
     parser.add_argument("--top_k", type=int, default=TOP_K, help="sample among the k most likely tokens; 0 = off")
-    parser.add_argument("--top_p", type=float, default=TOP_P, help="nucleus sampling: keep the most likely tokens up to this probability, in (0, 1]; 1.0 = off")
-    parser.add_argument("--repetition_penalty", type=float, default=REPETITION_PENALTY, help="divide the logits of tokens already present by this, > 0; 1.0 = off")
+    parser.add_argument("--top_p", type=float, default=TOP_P,
+                        help="nucleus sampling: keep the most likely tokens up to this probability, in (0, 1]; 1.0 = off")
+    parser.add_argument("--repetition_penalty", type=float, default=REPETITION_PENALTY,
+                        help="divide the logits of tokens already present by this, > 0; 1.0 = off")
     parser.add_argument("--seed", type=int, default=SEED, help="sampling seed (the same seed, the same answer)")
     parser.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
     parser.add_argument("--compile_decode", action="store_true",

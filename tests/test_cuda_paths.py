@@ -1,7 +1,6 @@
 """The CUDA paths, proved on CPU: one compiled graph for trimmed SFT batches, a compiled decode
 step with static shapes, the dtype and compile choices per GPU, multi-node resume without
 shared storage, fp16 resumed from bf16, bf16 generation, and imports that go one way."""
-import os
 import subprocess
 import sys
 

@@ -329,20 +329,6 @@ def test_dataset_missing_file_raises(tmp_path, tokenizer):
 
 # ---------------------------------------------------------------- deal_dataset helpers
 
-def test_strip_pos_tags():
-    assert deal_dataset.strip_pos_tags("迈向/v  充满/v  [中国/ns  人民/n]nt  。/w") == "迈向充满中国人民。"
-    assert deal_dataset.strip_pos_tags("") == ""
-
-
-@pytest.mark.parametrize("size", [1, 7, 512, 2000])
-def test_chunk_text(size):
-    text = "".join(chr(0x4E00 + (i * 7) % 300) for i in range(1200))
-    pieces = deal_dataset.chunk_text(text, size)
-    assert all(0 < len(p) <= size for p in pieces)
-    assert "".join(pieces) == text
-    assert len(pieces) == -(-len(text) // size)
-
-
 def test_belle_to_chat():
     record = {"conversations": [{"from": "human", "value": " 你好 "}, {"from": "assistant", "value": "你好！"},
                                 {"from": "human", "value": "再见"}, {"from": "assistant", "value": "再见。"}]}
@@ -472,14 +458,3 @@ def test_chatterbot_records_alternate_user_and_assistant():
         assert [m["role"] for m in turns] == ["user", "assistant"] * (len(turns) // 2)
         assert all(isinstance(m["content"], str) and m["content"].strip() == m["content"] != ""
                    for m in turns)
-
-
-def test_peoples_daily_records_have_no_pos_tags():
-    records = list(itertools.islice(deal_dataset.peoples_daily_records(), 100))
-    assert len(records) == 100
-    first = records[0]["text"]
-    assert "/" not in first
-    assert first.startswith("迈向充满希望的新世纪")
-    for r in records:
-        assert 0 < len(r["text"]) <= 512
-        assert not re.search(r"/[A-Za-z]", r["text"])

@@ -2,7 +2,6 @@
 fit and batch suggestion, tokens from token files and jsonl, steps and hours, the flags."""
 import argparse
 import json
-import math
 import os
 from contextlib import nullcontext
 
