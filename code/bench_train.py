@@ -2,7 +2,7 @@
 
     python code/bench_train.py            # CPU: the demo model; CUDA: the chapter's 215M model
     python code/bench_train.py --smoke    # two steps of a tiny model, to check that it runs
-    python code/bench_train.py --time_to_loss 300   # + train each path to a validation loss (~8 min)
+    python code/bench_train.py --time_to_loss 120   # + train each path for 120 s, same budget (~9 min)
 
 Prints three tables:
   1. real (non-padding) tokens/s: our packed path vs the chapter's padded PretrainDataset path
@@ -11,9 +11,9 @@ Prints three tables:
      same size;
   3. model FLOP/s (6 * params * tokens + attention) as a fraction of this machine's peak,
      measured with a large matmul in the same run: the MFU.
-With --time_to_loss SECONDS it then trains the demo preset with ddp_pretrain.py: the chapter's
-padded path for SECONDS, our packed path for a quarter of that (each run's step count set from
-the speed measured in table 1), and prints the validation loss each reaches.
+With --time_to_loss SECONDS it then trains the demo preset with ddp_pretrain.py on each path for
+the same SECONDS (each run's step count set from the speed measured in table 1), and prints the
+validation loss and bits per character each reaches: learning per second, not only tokens.
 """
 import argparse
 import itertools
@@ -161,9 +161,8 @@ def bits_per_char(val_loss: float, val_path: str, tokenizer_path: str) -> float:
 
 
 def time_to_loss(args, paths):
-    """Train the demo preset on each path for a budget (the chapter's: args.time_to_loss seconds,
-    ours: a quarter), with as many steps as the measured step time allows; report val losses
-    and bits per character."""
+    """Train the demo preset on each path for the same budget (args.time_to_loss seconds), with as
+    many steps as the measured step time allows; report val losses and bits per character."""
     import json
     import ddp_pretrain
     from pretokenize import pretokenize
@@ -172,7 +171,7 @@ def time_to_loss(args, paths):
         bin_path = os.path.join(tmp, "train.bin")
         pretokenize(args.data_path, args.tokenizer_path, bin_path, num_proc=2)
         for name, dtype, step_seconds in paths:
-            budget = args.time_to_loss if name.startswith("chapter") else args.time_to_loss / 4
+            budget = args.time_to_loss
             steps = max(10, int(budget / step_seconds))
             out_dir = os.path.join(tmp, f"run{len(rows)}")
             ddp_pretrain.main(["--preset", "demo", "--tokenizer_path", args.tokenizer_path, "--out_dir", out_dir,
