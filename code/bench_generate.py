@@ -14,8 +14,8 @@ import time
 import torch
 
 from bench_train import hf_llama, print_table
-from k_model import ModelConfig, Transformer, cast_for_inference
 from cli import HelpFormatter
+from k_model import ModelConfig, Transformer, cast_for_inference
 
 # ---- hyperparameters (CLI flags override) ----
 NEW_TOKENS = 400

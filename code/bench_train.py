@@ -24,9 +24,9 @@ import time
 
 import torch
 
+from cli import HelpFormatter
 from ddp_pretrain import PRESETS, autocast, make_optimizer, resolve_dtype
 from k_model import ModelConfig, Transformer, count_parameters, mlp_hidden_dim
-from cli import HelpFormatter
 
 # ---- hyperparameters (CLI flags override) ----
 WARMUP_STEPS = 3
@@ -150,14 +150,14 @@ def hf_llama(config: ModelConfig):
 def bits_per_char(val_loss: float, val_path: str, tokenizer_path: str) -> float:
     """The validation loss (nats per predicted token) as bits per character of the validation
     text: loss x predicted tokens / characters / ln 2, comparable across tokenizers."""
-    import math
+    from eval_model import bits_per_char_from_nats
     from jsonl import read_jsonl, text_of
     from train_tokenizer import load_tokenizer
     tokenizer = load_tokenizer(tokenizer_path)
     texts = list(read_jsonl(val_path, text_of))
     # <s> text </s>: every text token and </s> is predicted
     tokens = sum(len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
-    return val_loss * tokens / sum(len(t) for t in texts) / math.log(2)
+    return bits_per_char_from_nats(val_loss * tokens, sum(len(t) for t in texts))
 
 
 def time_to_loss(args, paths):

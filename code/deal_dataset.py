@@ -16,10 +16,10 @@ import os
 import sys
 from typing import Iterable, Iterator, List
 
+from cli import HelpFormatter
 from jsonl import JsonlError, atomic_writer, dump_line, read_jsonl, text_of
 from poetry import PoetryError
 from train_tokenizer import SYSTEM_PROMPT
-from cli import HelpFormatter
 
 # ---- hyperparameters (CLI flags override) ----
 OUT_DIR = "data"

@@ -36,8 +36,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from jsonl import JsonlError, read_jsonl, text_of
 from cli import HelpFormatter
+from jsonl import JsonlError, read_jsonl, text_of
+from poetry import CJK_LINE, FORMS
 
 # ---- hyperparameters (CLI flags override) ----
 CHECKPOINT = "output/sft"
@@ -52,8 +53,7 @@ TOP_P = 0.9
 SEED = 42
 N_EXAMPLES = 8                             # (request, answer) pairs kept in eval.json
 
-FORM_SHAPES = {"五言绝句": (4, 5), "七言绝句": (4, 7), "五言律诗": (8, 5), "七言律诗": (8, 7)}  # = poetry.FORMS
-CJK_LINE = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]+")
+FORM_SHAPES = FORMS  # form -> (lines, characters per line)
 HEADER = re.compile(r"^\s*[^\n《]{0,6}《[^》\n]*》[ \t]*\n")  # "五言绝句《题》": the answer's first line, not the poem's
 LINE_BREAKS = re.compile(r"[，。？！；：、,.?!;:\n]+")
 

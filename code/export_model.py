@@ -16,8 +16,8 @@ import sys
 
 import torch
 
-from k_model import ModelConfig, Transformer, load_model, mlp_hidden_dim
 from cli import HelpFormatter
+from k_model import ModelConfig, Transformer, load_model, mlp_hidden_dim
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 

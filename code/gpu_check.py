@@ -21,7 +21,9 @@ import tempfile
 import time
 
 import torch
+
 from cli import HelpFormatter
+from report import read_metrics
 
 CODE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, CODE)
@@ -69,11 +71,6 @@ def run(cmd, log):
         with open(log) as f:
             raise RuntimeError(f"{' '.join(cmd[:3])} ... failed:\n{f.read()[-3000:]}")
     return time.time() - start
-
-
-def read_metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def steady_tokens_per_s(metrics):

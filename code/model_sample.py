@@ -11,9 +11,9 @@ import sys
 
 import torch
 
+from cli import HelpFormatter
 from export_model import load_tiny_k
 from k_model import cast_for_inference, check_sampling
-from cli import HelpFormatter
 
 # ---- hyperparameters (CLI flags override) ----
 CHECKPOINT = "output/sft"

@@ -28,8 +28,8 @@ import time
 from collections import Counter, defaultdict
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from train_tokenizer import SYSTEM_PROMPT
 from cli import HelpFormatter
+from train_tokenizer import SYSTEM_PROMPT
 
 # ---- hyperparameters (CLI flags override) ----
 DATA_DIR = "data"      # where the tarball is kept

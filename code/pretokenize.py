@@ -20,8 +20,8 @@ from multiprocessing import Pool
 import numpy as np
 from tqdm import tqdm
 
-from jsonl import JsonlError, read_jsonl, text_of
 from cli import HelpFormatter
+from jsonl import JsonlError, read_jsonl, text_of
 
 # ---- hyperparameters (CLI flags override) ----
 TOKENIZER_PATH = "tokenizer_k"

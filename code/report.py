@@ -13,6 +13,7 @@ import platform
 import sys
 
 import torch
+
 from cli import HelpFormatter
 
 

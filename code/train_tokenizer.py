@@ -13,8 +13,8 @@ from typing import Iterator, List
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from jsonl import JsonlError, read_jsonl, text_of
 from cli import HelpFormatter
+from jsonl import JsonlError, read_jsonl, text_of
 
 # ---- hyperparameters (CLI flags override) ----
 DATA_PATH = "data/demo_pretrain.jsonl"
