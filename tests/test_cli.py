@@ -36,7 +36,6 @@ def script_parser(name, monkeypatch):
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_every_flag_has_a_help_that_names_its_default(name, monkeypatch):
     parser = script_parser(name, monkeypatch)
-    parser.formatter_class = getattr(parser, "formatter_class")
     text = parser.format_help()
     for action in parser._actions:
         if isinstance(action, argparse._HelpAction):
