@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from jsonl import iter_jsonl, read_line_at, text_of
 from k_model import IGNORE_INDEX
@@ -81,16 +81,18 @@ class PretrainDataset(JsonlDataset):
 class SFTDataset(JsonlDataset):
     """One chat per line -> ChatML text, loss only on the assistant's answers and their <|im_end|>."""
 
-    def __init__(self, data_path, tokenizer, max_length=512):
-        super().__init__(data_path, tokenizer, max_length, parse_chat_record)
+    def __init__(self, data_path, tokenizer, max_length=512, parse=parse_chat_record):
+        super().__init__(data_path, tokenizer, max_length, parse)
         # "<|im_start|>assistant\n" as the tokenizer encodes it at the start of every answer; the
         # chapter looked for a single "assistant" token and a raw "\n", which byte-level BPE never yields
         self.assistant_header = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
         self.assistant_end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
 
     def __getitem__(self, index: int):
-        sample = self.read(index)
-        text = self.tokenizer.apply_chat_template(sample, tokenize=False, add_generation_prompt=False)
+        return self.chat_example(self.read(index))
+
+    def chat_example(self, messages):
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
         input_id = self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.max_length + 1]
         return self.to_example(input_id, self.generate_loss_mask(input_id))
 
@@ -111,6 +113,33 @@ class SFTDataset(JsonlDataset):
             else:
                 i += 1
         return mask
+
+
+def parse_preference_record(record) -> None:
+    if not isinstance(record, dict):
+        raise TypeError('expected {"prompt": [...], "chosen": "...", "rejected": "..."}')
+    parse_chat_record(record["prompt"] + [{"role": "assistant", "content": record["chosen"]}])
+    if not isinstance(record["rejected"], str) or record["prompt"][-1]["role"] != "user":
+        raise ValueError("'rejected' is not a string, or the prompt does not end with the user")
+
+
+class PreferenceDataset(SFTDataset):
+    """{"prompt": messages, "chosen": answer, "rejected": answer} lines (make_preferences.py) ->
+    two SFT examples, the prompt answered by the chosen and by the rejected answer; loss_mask
+    marks the answer tokens (and <|im_end|>), whose log-probabilities DPO compares."""
+
+    def __init__(self, data_path, tokenizer, max_length=512):
+        super().__init__(data_path, tokenizer, max_length, parse_preference_record)
+
+    def __getitem__(self, index: int):
+        record = self.read(index)
+        return tuple(self.chat_example(record["prompt"] + [{"role": "assistant", "content": record[key]}])
+                     for key in ("chosen", "rejected"))
+
+    @staticmethod
+    def collate(pairs, multiple: int = 1):
+        """A batch of B pairs as 2B rows: the B chosen answers, then the B rejected ones."""
+        return trim_padding([chosen for chosen, _ in pairs] + [rejected for _, rejected in pairs], multiple)
 
 
 class PackedDataset(Dataset):
@@ -159,3 +188,26 @@ def trim_padding(batch, multiple: int = 1):
     length = int(trained.max()) + 1 if len(trained) else 1
     length = min(-(-length // multiple) * multiple, X.shape[1])
     return X[:, :length], Y[:, :length], loss_mask[:, :length]
+
+
+class ShardSampler(Sampler):
+    """This rank's indices of one epoch: the same order as DistributedSampler(shuffle=True,
+    drop_last=True, seed) after set_epoch(epoch), from batch `start` on.
+
+    DistributedSampler builds each epoch a Python list of every index (~36 bytes an index: 360 MB
+    per rank for 10M windows), and a resumed loader copies its shard again. Here one epoch is an
+    int64 tensor of this rank's share only (8 bytes an index), handed out in small pieces."""
+
+    def __init__(self, n, world_size=1, rank=0, seed=0, epoch=0, start=0):
+        generator = torch.Generator()
+        generator.manual_seed(seed + epoch)
+        per_rank = n // world_size  # the last n % world_size samples are dropped, never repeated
+        order = torch.randperm(n, generator=generator)[:per_rank * world_size]
+        self.indices = order[rank::world_size][start:].clone()  # clone: keep the shard, free the rest
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __iter__(self):
+        for piece in self.indices.split(4096):
+            yield from piece.tolist()

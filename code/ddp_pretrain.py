@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Subset
 
 from jsonl import JsonlError
 from pretokenize import tokenizer_fingerprint
@@ -101,8 +101,8 @@ HELP = {  # one line per flag; the defaults are DEFAULTS' (a preset may change t
     "weight_decay": "AdamW weight decay (not on norms)",
     "grad_clip": "clip the gradient norm to this",
     "log_interval": "print and log the loss every this many optimizer steps",
-    "save_interval": "write a training checkpoint every this many optimizer steps",
-    "eval_interval": "validation loss every this many optimizer steps",
+    "save_interval": "write a training checkpoint every this many optimizer steps (0 = only at the end)",
+    "eval_interval": "validation loss every this many optimizer steps (0 = only at the end)",
     "eval_iters": "validation batches per process (-1 = the whole file)",
     "seed": "random seed (model init, data order)",
     "num_workers": "DataLoader worker processes (-1 = 4 on CUDA, 0 on CPU)",
@@ -153,7 +153,14 @@ def parse_args(argv=None, parser=None, defaults=DEFAULTS, presets=PRESETS):
         if preset not in presets:
             parser.error(f"unknown preset {preset!r}; choose from {', '.join(presets)}")
         parser.set_defaults(**presets[preset])
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("log_interval", "batch_size", "accumulation_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    for name in ("save_interval", "eval_interval"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0 (0 = never)")
+    return args
 
 
 # ---------------------------------------------------------------- setup
@@ -336,25 +343,45 @@ def format_eta(seconds: float) -> str:
 
 # ---------------------------------------------------------------- training
 
+def lm_loss(model, X, Y, stats: dict):
+    """The chapter's loss, model(X, Y).loss: mean cross-entropy of the next token over the trained
+    positions. stats collects what a weighted mean over batches needs (here: tokens)."""
+    from k_model import IGNORE_INDEX
+    loss = model(X, Y).loss
+    n_tokens = (Y != IGNORE_INDEX).sum()
+    add_stats(stats, loss_sum=loss.detach() * n_tokens, weight=n_tokens)
+    return loss
+
+
+def add_stats(stats: dict, **values):
+    """Running sums, kept on the device (no synchronisation per micro-step)."""
+    for key, value in values.items():
+        stats[key] = stats.get(key, 0) + value
+
+
+def mean_stats(stats: dict, ctx: Dist) -> dict:
+    """Sums over every rank, divided by the summed weight: {"loss": ..., other keys...}."""
+    keys = sorted(stats)
+    sums = dict(zip(keys, ctx.all_reduce_sum([float(stats[k]) for k in keys])))
+    weight = max(sums.pop("weight", 0.0), 1.0)
+    return {"loss" if k == "loss_sum" else k: v / weight for k, v in sums.items()}
+
+
 @torch.no_grad()
-def evaluate(model, val_set, args, ctx: Dist, dtype) -> float:
-    """Token-weighted validation loss; each rank takes every world_size-th sample, sums reduce over ranks."""
+def evaluate(model, val_set, args, ctx: Dist, dtype, objective=lm_loss) -> dict:
+    """Validation, weighted over the whole set ({"loss": ...} and what else the objective counts);
+    each rank takes every world_size-th sample, sums reduce over ranks."""
     model.eval()
     shard = Subset(val_set, range(ctx.rank, len(val_set), ctx.world_size))
-    loader = DataLoader(shard, batch_size=args.batch_size, shuffle=False)
-    loss_sum, n_tokens = 0.0, 0.0
-    for i, (X, Y, loss_mask) in enumerate(loader):
+    loader = DataLoader(shard, batch_size=args.batch_size, shuffle=False, collate_fn=getattr(val_set, "collate", None))
+    stats = {}
+    for i, (X, Y, _) in enumerate(loader):
         if 0 <= args.eval_iters <= i:
             break
-        X, Y = X.to(ctx.device), Y.to(ctx.device)
         with autocast(ctx.device_type, dtype):
-            loss = model(X, Y).loss
-        n = loss_mask.sum().item()
-        loss_sum += loss.item() * n
-        n_tokens += n
+            objective(model, X.to(ctx.device), Y.to(ctx.device), stats)
     model.train()
-    loss_sum, n_tokens = ctx.all_reduce_sum([loss_sum, n_tokens])
-    return loss_sum / max(n_tokens, 1.0)
+    return mean_stats(stats, ctx)
 
 
 def make_loader(train_set, args, ctx: Dist, trim_batches: bool):
@@ -364,21 +391,21 @@ def make_loader(train_set, args, ctx: Dist, trim_batches: bool):
     run starts exactly at the batch it stopped before. trim_batches cuts each batch of chats to
     its longest instead of max_seq_len.
     """
-    from dataset import trim_padding
+    from dataset import ShardSampler, trim_padding
     # on CUDA trimmed lengths round up to a multiple of 64, so a compiled model sees a handful of shapes
     multiple = SFT_LENGTH_MULTIPLE_CUDA if ctx.device_type == "cuda" else 1
-    collate = functools.partial(trim_padding, multiple=multiple) if trim_batches else None
+    # a dataset with its own collate (pairs of answers) trims it too
+    collate = functools.partial(getattr(train_set, "collate", trim_padding), multiple=multiple) if trim_batches else None
     num_workers = args.num_workers if args.num_workers >= 0 else (4 if ctx.device_type == "cuda" else 0)
-    # drop_last: the last (< world_size) samples are dropped rather than repeated on some ranks
-    sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                 seed=args.seed, drop_last=True)
+    # DistributedSampler's order, held in 8 bytes an index instead of a Python list (dataset.ShardSampler)
+    shard_size = len(train_set) // ctx.world_size
 
     def epoch_loader(epoch: int, start_batch: int = 0) -> DataLoader:
-        sampler.set_epoch(epoch)
-        return DataLoader(train_set, batch_size=args.batch_size, sampler=list(sampler)[start_batch * args.batch_size:],
+        sampler = ShardSampler(len(train_set), ctx.world_size, ctx.rank, args.seed, epoch, start_batch * args.batch_size)
+        return DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
                           collate_fn=collate, num_workers=num_workers,
                           pin_memory=ctx.device_type == "cuda")
-    return math.ceil(len(sampler) / args.batch_size), epoch_loader
+    return math.ceil(shard_size / args.batch_size), epoch_loader
 
 
 class StopRequest:
@@ -415,7 +442,7 @@ def train_epoch(epoch, train_loader, model, optimizer, scaler, run: "Run", args,
         # trained tokens. Under DDP, gradients are all-reduced only on the window's last backward.
         with run.no_sync_unless(last_micro):
             with autocast(run.ctx.device_type, run.dtype):
-                loss = model(X, Y).loss / window  # gradient accumulation
+                loss = run.loss(model, X, Y) / window  # model(X, Y).loss (DPO: its own loss); accumulation
             scaler.scale(loss).backward()
         run.count(loss, loss_mask)
         if not last_micro:
@@ -431,12 +458,17 @@ def train_epoch(epoch, train_loader, model, optimizer, scaler, run: "Run", args,
     return True
 
 
+def due(step: int, interval: int) -> bool:
+    """Every `interval` steps; never when interval is 0."""
+    return interval > 0 and step % interval == 0
+
+
 class Run:
     """Everything around the chapter's loop: step count, logs, validation, checkpoints, the
     non-finite guard and stop signals. train() sets it up; train_epoch() calls it."""
 
     def __init__(self, args, ctx: Dist, raw_model, model, eval_model, optimizer, scaler, dtype, val_set,
-                 batches_per_epoch, total_steps, step, last_checkpoint, tokenizer_sha256, run_id):
+                 batches_per_epoch, total_steps, step, last_checkpoint, tokenizer_sha256, run_id, objective=lm_loss):
         self.args, self.ctx, self.raw_model, self.model, self.eval_model = args, ctx, raw_model, model, eval_model
         self.optimizer, self.scaler, self.dtype, self.val_set = optimizer, scaler, dtype, val_set
         self.batches_per_epoch, self.total_steps, self.step = batches_per_epoch, total_steps, step
@@ -448,6 +480,10 @@ class Run:
         self.tokens_seen = 0  # loss_mask lives on the host: counting it costs no sync
         self.steps_since_log, self.t_log, self.t_start, self.start_step = 0, time.time(), time.time(), step
         self.nonfinite_in_a_row, self.stopped_by_signal = 0, False
+        self.objective, self.stats = objective, {}  # the loss, and what it counts between two logs
+
+    def loss(self, model, X, Y):
+        return self.objective(model, X, Y, self.stats)
 
     # ---- inside an accumulation window
 
@@ -497,12 +533,12 @@ class Run:
         args, step = self.args, self.step
         if step % args.log_interval == 0 or step == self.total_steps:
             self.log_train(lr, grad_norm, epoch)
-        if self.val_set is not None and (step % args.eval_interval == 0 or step == self.total_steps):
+        if self.val_set is not None and (due(step, args.eval_interval) or step == self.total_steps):
             self.log_validation()
         self.stopped_by_signal = self.ctx.any(self.stop.requested)
         # the position saved is the next batch of this epoch (or the next epoch's first)
         position = (epoch, batch + 1) if batch + 1 < self.batches_per_epoch else (epoch + 1, 0)
-        if self.stopped_by_signal or (step % args.save_interval == 0 and step < self.total_steps):
+        if self.stopped_by_signal or (due(step, args.save_interval) and step < self.total_steps):
             self.last_checkpoint = self.save_checkpoint(*position) or self.last_checkpoint
         return step < self.total_steps and not self.stopped_by_signal
 
@@ -513,25 +549,29 @@ class Run:
         tokens_per_s = tokens / (time.time() - self.t_log)
         eta = (time.time() - self.t_start) / (step - self.start_step) * (self.total_steps - step)
         memory = {"peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30} if ctx.device_type == "cuda" else {}
+        extra = mean_stats(self.stats, ctx)  # what the objective counts besides the loss (DPO: margins, ...)
+        extra.pop("loss", None)
+        self.stats = {}
         ctx.print(f"epoch {epoch + 1} | step {step}/{self.total_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
                   f"grad norm {grad_norm.item():.3f} | {tokens_per_s:,.0f} tok/s | eta {format_eta(eta)}"
-                  + (f" | peak {memory['peak_memory_gib']:.1f} GiB" if memory else ""))
+                  + (f" | peak {memory['peak_memory_gib']:.1f} GiB" if memory else "")
+                  + "".join(f" | {k} {v:.4f}" for k, v in extra.items()))
         self.logger.log({"loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s,
-                         "time": time.time() - self.t_start, **memory}, step)
+                         "time": time.time() - self.t_start, **memory, **extra}, step)
         self.loss_accum.zero_()
         self.tokens_seen, self.steps_since_log, self.t_log = 0, 0, time.time()
 
     def log_validation(self):
-        val_loss = evaluate(self.eval_model, self.val_set, self.args, self.ctx, self.dtype)
-        self.ctx.print(f"step {self.step} | val loss {val_loss:.4f}")
-        self.logger.log({"val_loss": val_loss, "time": time.time() - self.t_start}, self.step)
+        val = evaluate(self.eval_model, self.val_set, self.args, self.ctx, self.dtype, self.objective)
+        self.ctx.print(f"step {self.step} | " + " | ".join(f"val {k} {v:.4f}" for k, v in val.items()))
+        self.logger.log({f"val_{k}": v for k, v in val.items()} | {"time": time.time() - self.t_start}, self.step)
 
     def log_start(self, first_batch):
         """Step 0, before any update: the loss curves then show where training starts."""
         X, Y, _ = first_batch
         self.eval_model.eval()
         with torch.no_grad(), autocast(self.ctx.device_type, self.dtype):
-            loss = self.eval_model(X.to(self.ctx.device), Y.to(self.ctx.device)).loss.item()
+            loss = self.objective(self.eval_model, X.to(self.ctx.device), Y.to(self.ctx.device), {}).item()
         self.eval_model.train()
         loss = self.ctx.all_reduce_sum([loss])[0] / self.ctx.world_size
         self.ctx.print(f"step 0 | loss {loss:.4f} (before training)")
@@ -561,7 +601,7 @@ class Run:
         self.stop.restore()
 
 
-def train(args, model, train_set, val_set, ctx: Dist, trim_batches=False):
+def train(args, model, train_set, val_set, ctx: Dist, trim_batches=False, objective=lm_loss):
     """Set up and run the loop shared by pretraining and SFT: device and dtype, resume, compile,
     DDP, AdamW, the data loader; then train_epoch until the last step, and the final save_pretrained."""
     from checkpoint import load_weights, set_rng_state
@@ -614,7 +654,7 @@ def train(args, model, train_set, val_set, ctx: Dist, trim_batches=False):
         del state
 
     run = Run(args, ctx, raw_model, model, eval_model, optimizer, scaler, dtype, val_set, batches_per_epoch,
-              total_steps, step, last_checkpoint, tokenizer_sha256, run_id)
+              total_steps, step, last_checkpoint, tokenizer_sha256, run_id, objective)
     if step == 0:
         run.log_start(next(iter(epoch_loader(0))))
     while run.step < total_steps:
@@ -775,12 +815,12 @@ def main(argv=None):
     run_training(args, model, train_set, val_set, ctx)
 
 
-def run_training(args, model, train_set, val_set, ctx: Dist, trim_batches=False, sample_mode="pretrain"):
+def run_training(args, model, train_set, val_set, ctx: Dist, trim_batches=False, sample_mode="pretrain", objective=lm_loss):
     """train(), with the errors a user can fix reported in one line (and a non-zero exit), then
     the report if asked for (samples: "pretrain" continuations or "chat" answers)."""
     from checkpoint import CheckpointError
     try:
-        train(args, model, train_set, val_set, ctx, trim_batches)
+        train(args, model, train_set, val_set, ctx, trim_batches, objective)
     except (CheckpointError, TrainingError, OSError) as e:
         ctx.close()
         sys.exit(f"error: {e}")

@@ -116,6 +116,7 @@ def build_demo(out_dir: str = OUT_DIR, val_every: int = VAL_EVERY):
     demo_pretrain_val.jsonl   the held-out poems (validation loss, bits per character)
     demo_sft{,_val}.jsonl     poem requests answered by real poems, and the dialogs (for 你好)
     demo_eval.jsonl           one request per held-out poem, for eval_model.py
+    demo_dpo_prompts.jsonl    requests from training poems, for make_preferences.py (DPO)
     The held-out poems appear in no training file (the split is by poem, fixed by a seed)."""
     import random
     import poetry
@@ -126,6 +127,7 @@ def build_demo(out_dir: str = OUT_DIR, val_every: int = VAL_EVERY):
     random.Random(poetry.SEED).shuffle(sft)  # the validation split takes both kinds
     write_split(sft, os.path.join(out_dir, "demo_sft.jsonl"), os.path.join(out_dir, "demo_sft_val.jsonl"), val_every)
     write_split(data["eval"], os.path.join(out_dir, "demo_eval.jsonl"), None, 0)
+    write_split(data["preference"], os.path.join(out_dir, "demo_dpo_prompts.jsonl"), None, 0)
 
 
 def main(argv=None):

@@ -225,12 +225,31 @@ def run_model(generator, records: List[dict], chat: bool, args) -> Dict[str, Tup
     prompts = [prompt_ids(generator, records[i], chat, args.plain_prompt) for i in order]
     stop_id = generator.im_end_id if chat else generator.tokenizer.eos_token_id
     runs = {}
-    for name, temperature in (("greedy", 0.0), ("sampled", args.temperature)):
+    # the sampled run once per seed (--seeds): their spread tells a real difference from luck
+    settings = [("greedy", 0.0, args.seed)] + [(f"sampled_{k}", args.temperature, args.seed + k) for k in range(args.seeds)]
+    for name, temperature, seed in settings:
         answers, stopped = generate_batch(generator, prompts, stop_id, args.max_new_tokens, temperature,
-                                          args.top_p, args.seed, args.batch_size)
+                                          args.top_p, seed, args.batch_size)
         runs[name] = ([answers[order.index(i)] for i in range(len(records))],
                       [stopped[order.index(i)] for i in range(len(records))])
     return runs
+
+
+def mean_and_sd(summaries: List[dict]) -> Tuple[dict, dict]:
+    """The mean of several summarize() results (the sampled runs of several seeds), and the
+    standard deviation of each metric across them."""
+    def stats(values):
+        if any(v is None for v in values):
+            return None, None
+        mean = sum(values) / len(values)
+        return round(mean, 4), round((sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)) ** 0.5, 4)
+    mean, sd = {}, {}
+    for key in summaries[0]:
+        if key == "form_accuracy_by_form":
+            mean[key] = {form: stats([s[key][form] for s in summaries])[0] for form in summaries[0][key]}
+        else:
+            mean[key], sd[key] = stats([s[key] for s in summaries])
+    return mean, sd
 
 
 # ---------------------------------------------------------------- scoring
@@ -313,27 +332,35 @@ def evaluate(args) -> dict:
     texts = list(read_jsonl(args.bpc_data, text_of))
     chat = args.mode == "chat"
     models = [("model", args.checkpoint, chat)]
+    for path in args.compare or []:  # other chat models, as columns beside this one (SFT beside DPO, say)
+        models.append((os.path.basename(os.path.normpath(path)), path, True))
     if chat and args.baseline:
         if os.path.isdir(args.baseline):
             models.append(("pretrain", args.baseline, False))
         else:
             print(f"note: no baseline: {args.baseline} is not a directory")
 
-    result = {"checkpoint": args.checkpoint, "mode": args.mode, "baseline": args.baseline if len(models) > 1 else None,
+    with_baseline = any(name == "pretrain" for name, _, _ in models)
+    result = {"checkpoint": args.checkpoint, "mode": args.mode, "baseline": args.baseline if with_baseline else None,
+              "compare": args.compare or [],
               "eval_data": args.eval_data, "bpc_data": args.bpc_data, "n": len(records),
               "plain_prompt": args.plain_prompt,
               "sampling": {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-                           "top_p": args.top_p, "seed": args.seed},
+                           "top_p": args.top_p, "seed": args.seed, "seeds": args.seeds},
               "bits_per_char": {"n_texts": len(texts), "n_chars": sum(len(t) for t in texts)}, "metrics": {}}
     outputs = {}
     for name, path, as_chat in models:
         generator = TextGenerator(path, device=args.device)
         result["bits_per_char"][name] = round(bits_per_char(generator.model, generator.tokenizer, texts,
                                                             generator.device, args.batch_size), 4)
-        for run, (answers, stopped) in run_model(generator, records, as_chat, args).items():
-            column = run if name == "model" else f"{name}_{run}"
-            outputs[column] = answers
-            result["metrics"][column] = summarize(answers, records, stopped)
+        runs = run_model(generator, records, as_chat, args)
+        greedy, sampled = runs.pop("greedy"), [summarize(answers, records, stopped) for answers, stopped in runs.values()]
+        prefix = "" if name == "model" else f"{name}_"
+        outputs[prefix + "greedy"], outputs[prefix + "sampled"] = greedy[0], runs["sampled_0"][0]
+        result["metrics"][prefix + "greedy"] = summarize(greedy[0], records, greedy[1])
+        result["metrics"][prefix + "sampled"], sd = mean_and_sd(sampled)
+        if args.seeds > 1:
+            result.setdefault("sampled_sd", {})[prefix + "sampled"] = sd
     result["metrics"]["ceiling"] = summarize([r["reference"] for r in records], records)
     result["metrics"]["floor"] = summarize(random_lines(records, args.seed), records)
     result["examples"] = [{"request": r["messages"][-1]["content"], "meta": r["meta"],
@@ -361,13 +388,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=TEMPERATURE, help="of the sampled run")
     parser.add_argument("--top_p", type=float, default=TOP_P, help="of the sampled run; 1.0 = off")
     parser.add_argument("--seed", type=int, default=SEED, help="of the sampled run and the random lines")
+    parser.add_argument("--seeds", type=int, default=1, help="sampled runs, with seeds SEED, SEED+1, ...: the table shows their mean, eval.json their spread")
+    parser.add_argument("--compare", nargs="+", help="other chat models evaluated beside --checkpoint, as columns named by their directory (default: none)")
     parser.add_argument("--out", default=None, help="the JSON file to write (default: CHECKPOINT/eval.json)")
     parser.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
     return parser
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
     try:
         result = evaluate(args)
     except (JsonlError, FileNotFoundError, ValueError, OSError) as e:
@@ -379,8 +411,11 @@ def main(argv=None):
 
     bpc = result["bits_per_char"]
     print(f"bits per character on {bpc['n_texts']} held-out texts ({bpc['n_chars']:,} characters): "
-          + ", ".join(f"{name} {bpc[name]:.3f}" for name in ("model", "pretrain") if name in bpc))
+          + ", ".join(f"{name} {value:.3f}" for name, value in bpc.items() if name not in ("n_texts", "n_chars")))
     print(f"\n{result['n']} requests ({args.checkpoint}, {args.mode} mode)\n" + format_table(result["metrics"]))
+    for column, sd in result.get("sampled_sd", {}).items():
+        print(f"{column}: mean of {args.seeds} seeds; sd across them: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in sd.items() if v is not None))
     print("\nceiling = the real held-out poems, floor = random lines of the right shape; "
           f"written to {out} ({result['seconds']}s)")
 

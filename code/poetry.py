@@ -36,6 +36,7 @@ DATA_DIR = "data"      # where the tarball is kept
 SEED = 42              # fixes the split and the instructions
 N_EVAL = 200           # held-out poems, the same number of each form; each gives one eval prompt
 N_PER_CELL = 200       # SFT instructions per (task, form): 4 tasks x 4 forms x 200 = 3,200 chats
+N_PREFERENCE = 800     # training requests for DPO's preference pairs (make_preferences.py)
 MAX_TITLE = 12         # longer titles are cut (94% of the cleaned titles are no longer)
 
 PACKAGE = "chinese-poetry@2.0.1"
@@ -336,6 +337,15 @@ def eval_records(poems: List[dict], rng: random.Random) -> List[dict]:
     return records
 
 
+def preference_records(poems: List[dict], rng: random.Random, n: int = N_PREFERENCE) -> List[dict]:
+    """Requests for preference tuning (make_preferences.py), as eval_records: from n training
+    poems, a quarter of each form, so the held-out eval requests stay unseen."""
+    by_form = defaultdict(list)
+    for poem in poems:
+        by_form[poem["form"]].append(poem)
+    return eval_records([p for form in FORMS for p in rng.sample(by_form[form], n // len(FORMS))], rng)
+
+
 def build_demo_data(tarball: str, seed: int = SEED, n_eval: int = N_EVAL, n_per_cell: int = N_PER_CELL
                     ) -> Dict[str, list]:
     """Everything the demo needs from the corpus, as lists of jsonl records:
@@ -344,14 +354,17 @@ def build_demo_data(tarball: str, seed: int = SEED, n_eval: int = N_EVAL, n_per_
     pretrain_val  {"text": poem_text} of the held-out poems (bits per character)
     sft           chats (system, user, assistant) from training poems, balanced over tasks and forms
     eval          eval_records of the held-out poems
+    preference    requests from training poems for make_preferences.py (DPO)
     """
     poems = load_poems(tarball)
     train, held_out = split_poems(poems, seed, n_eval)
     rng = random.Random(seed)
-    return {"pretrain": [{"text": poem_text(p)} for p in train],
+    data = {"pretrain": [{"text": poem_text(p)} for p in train],
             "pretrain_val": [{"text": poem_text(p)} for p in held_out],
             "sft": [chat for chat, _ in build_instructions(train, rng, n_per_cell)],
             "eval": eval_records(held_out, rng)}
+    data["preference"] = preference_records(train, rng)  # drawn last: the files above stay as they were
+    return data
 
 
 def main(argv=None):

@@ -89,10 +89,17 @@ def eval_summary(path: str, n_poems: int = 3) -> str:
     bpc = result["bits_per_char"]
     lines = [f"## Eval: {result['n']} held-out requests ({result['checkpoint']})", "",
              "Bits per character on the held-out poems: "
-             + ", ".join(f"{name} {bpc[name]:.3f}" for name in ("model", "pretrain") if name in bpc), "",
+             + ", ".join(f"{name} {value:.3f}" for name, value in bpc.items() if name not in ("n_texts", "n_chars")), "",
              "```", format_table(result["metrics"]), "```", "",
-             "greedy/sampled: the SFT model; pretrain_*: the pretrained model given the request as plain "
-             "text; ceiling: the real poems; floor: random lines of the right shape.", "", "Poems the model wrote:", ""]
+             f"greedy/sampled: {result['checkpoint']}; "
+             + "".join(f"{os.path.basename(os.path.normpath(p))}_*: {p}; " for p in result.get("compare", []))
+             + "pretrain_*: the pretrained model given the request as plain text; ceiling: the real poems; "
+             "floor: random lines of the right shape.", ""]
+    seeds = result["sampling"].get("seeds", 1)
+    if seeds > 1:
+        lines += [f"sampled columns: the mean of {seeds} seeds; their standard deviation of the mean score: "
+                  + ", ".join(f"{column} {sd['mean_score']:.3f}" for column, sd in result["sampled_sd"].items()), ""]
+    lines += ["Poems the model wrote:", ""]
     for example in result["examples"][:n_poems]:
         lines += [f"> {example['request']}", "", "```", example["greedy"], "```", ""]
     return "\n".join(lines)

@@ -293,6 +293,8 @@ def data_size(path: str, seq_len: int, tokenizer=None, batch_size: int = 1) -> d
     for raw in raw_lines:
         try:
             record = json.loads(raw)
+            if isinstance(record, dict) and "prompt" in record:  # a DPO pair: planned as its chosen chat
+                record = record["prompt"] + [{"role": "assistant", "content": record["chosen"]}]
             if isinstance(record, list) or record["text"]:
                 records.append(record)
         except (ValueError, KeyError, TypeError):

@@ -4,11 +4,15 @@
 
 Reads jsonl lines with a "text" field (pretraining) or a chat (a list of {"role", "content"}
 messages, as deal_dataset.py writes them); several --data_path files may be given.
+A corpus larger than --max_chars is sampled: whole lines read at SAMPLE_SPANS places spread
+evenly over each file (by byte offset, streaming), so memory stays bounded and the sample
+covers the whole corpus, not just its first lines.
 """
 import argparse
 import json
 import os
 import sys
+import time
 from typing import Iterator, List
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -21,6 +25,12 @@ DATA_PATH = "data/demo_pretrain.jsonl"
 SAVE_DIR = "tokenizer_k"
 VOCAB_SIZE = 6144
 MIN_FREQUENCY = 2  # a pair must occur at least twice to be merged
+# The BPE trainer keeps every distinct pre-tokenized "word" in memory, and in Chinese almost every
+# clause is one, so its memory grows with the text it reads: ~0.25 GB per million characters of
+# all-new clauses (tests/scale_check.py). 10M characters (~30 MB of Chinese) train in < 3 GB and
+# a few minutes, and already hold thousands of occurrences of every common character.
+MAX_CHARS = 10_000_000
+SAMPLE_SPANS = 1000  # the sample is read at this many places spread over each file
 
 # Special tokens and the ids they must get (checked after training).
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
@@ -45,16 +55,68 @@ CHAT_TEMPLATE = (
 )
 
 
+def text_of_line(record) -> str:
+    """The text to learn from: "text" of a pretraining line, the contents of a chat."""
+    if isinstance(record, dict):
+        return text_of(record)
+    if isinstance(record, list) and record and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                   for m in record):
+        return "\n".join(m["content"] for m in record)
+    raise ValueError('expected {"text": ...} or a list of {"role", "content"} messages')
+
+
 def read_texts_from_jsonl(data_path: str) -> Iterator[str]:
-    """Yield the text of each usable line: "text" of pretraining lines, contents of chats."""
-    def extract(record):
-        if isinstance(record, dict):
-            return text_of(record)
-        if isinstance(record, list) and record and all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                                       for m in record):
-            return "\n".join(m["content"] for m in record)
-        raise ValueError('expected {"text": ...} or a list of {"role", "content"} messages')
-    yield from read_jsonl(data_path, extract)
+    """Yield the text of each usable line of the whole file."""
+    yield from read_jsonl(data_path, text_of_line)
+
+
+def sample_texts_from_jsonl(data_path: str, max_chars: int, n_spans: int = SAMPLE_SPANS) -> Iterator[str]:
+    """About max_chars characters of text from whole lines spread over the file: the file is cut
+    into n_spans equal byte ranges, and each range gives its share from its first full line on.
+    Never holds more than one line in memory. Unusable lines are skipped and counted."""
+    size = os.path.getsize(data_path)
+    n_spans = max(1, min(n_spans, max_chars // 100))  # a few lines at least from each place
+    share = max_chars / n_spans
+    n_chars = n_lines = n_bad = 0
+    t0 = time.time()
+    with open(data_path, "rb") as f:
+        for span in range(n_spans):
+            start, end = size * span // n_spans, size * (span + 1) // n_spans
+            f.seek(start)
+            if start:
+                f.readline()  # a line that begins in the previous range was read there
+            taken = 0
+            while f.tell() < end and taken < share:
+                raw = f.readline()
+                if not raw:
+                    break
+                if not raw.strip():
+                    continue
+                try:
+                    text = text_of_line(json.loads(raw))
+                except (ValueError, KeyError, TypeError):
+                    n_bad += 1
+                    continue
+                taken += len(text)
+                n_lines += 1
+                yield text
+            n_chars += taken
+    print(f"sampled {n_chars / 1e6:.1f}M characters ({n_lines:,} lines) at {n_spans} places spread over "
+          f"{data_path} ({size / 1e9:.2f} GB) in {time.time() - t0:.0f} s"
+          + (f"; skipped {n_bad} unusable line(s)" if n_bad else ""))
+    if n_lines == 0:
+        raise JsonlError(f"{data_path}: no usable line in the sample (expected one JSON record per line)")
+
+
+def texts_for_training(data_paths: List[str], max_chars: int = MAX_CHARS) -> Iterator[str]:
+    """Every file whole if together they are small (bytes <= max_chars means chars <= max_chars),
+    else a sample of each, its share of max_chars in proportion to its size."""
+    sizes = [os.path.getsize(path) if os.path.isfile(path) else 0 for path in data_paths]
+    for path, size in zip(data_paths, sizes):
+        if not max_chars or sum(sizes) <= max_chars or not size:
+            yield from read_texts_from_jsonl(path)  # raises JsonlError for a missing file
+        else:
+            yield from sample_texts_from_jsonl(path, max(1, max_chars * size // sum(sizes)))
 
 
 def build_tokenizer() -> Tokenizer:
@@ -68,7 +130,7 @@ def build_tokenizer() -> Tokenizer:
 
 
 def train_tokenizer(data_paths: List[str], save_dir: str, vocab_size: int = VOCAB_SIZE,
-                    min_frequency: int = MIN_FREQUENCY) -> None:
+                    min_frequency: int = MIN_FREQUENCY, max_chars: int = MAX_CHARS) -> None:
     """Train and save the tokenizer (tokenizer.json + tokenizer_config.json + special_tokens_map.json)."""
     if isinstance(data_paths, str):
         data_paths = [data_paths]
@@ -80,9 +142,10 @@ def train_tokenizer(data_paths: List[str], save_dir: str, vocab_size: int = VOCA
         show_progress=sys.stderr.isatty(),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    texts = (text for path in data_paths for text in read_texts_from_jsonl(path))
     print(f"Training tokenizer on {', '.join(data_paths)}")
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+    t0 = time.time()
+    tokenizer.train_from_iterator(texts_for_training(data_paths, max_chars), trainer=trainer)
+    print(f"trained in {time.time() - t0:.0f} s, peak memory {peak_rss_gb():.2f} GB")
 
     for expected_id, token in enumerate(SPECIAL_TOKENS):
         actual = tokenizer.token_to_id(token)
@@ -92,6 +155,13 @@ def train_tokenizer(data_paths: List[str], save_dir: str, vocab_size: int = VOCA
     tokenizer.save(os.path.join(save_dir, "tokenizer.json"))
     create_tokenizer_config(save_dir)
     print(f"Tokenizer saved to {save_dir}")
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far (the trainer's Rust memory included)."""
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, kB on Linux
 
 
 def create_tokenizer_config(save_dir: str) -> None:
@@ -148,9 +218,13 @@ def main(argv=None):
     parser.add_argument("--save_dir", default=SAVE_DIR, help="where tokenizer.json and its config go")
     parser.add_argument("--vocab_size", type=int, default=VOCAB_SIZE, help="tokens in the vocabulary, the 5 special ones included")
     parser.add_argument("--min_frequency", type=int, default=MIN_FREQUENCY, help="a pair must occur this often to be merged")
+    parser.add_argument("--max_chars", type=int, default=MAX_CHARS,
+                        help="larger corpora are sampled at places spread over each file, bounding memory; 0 = read everything")
     args = parser.parse_args(argv)
+    if args.max_chars < 0:
+        parser.error("--max_chars must be >= 0")
     try:
-        train_tokenizer(args.data_path, args.save_dir, args.vocab_size, args.min_frequency)
+        train_tokenizer(args.data_path, args.save_dir, args.vocab_size, args.min_frequency, args.max_chars)
     except JsonlError as e:
         sys.exit(f"error: {e}")
     eval_tokenizer(args.save_dir)

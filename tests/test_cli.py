@@ -12,7 +12,8 @@ import torch
 from conftest import CODE
 
 SCRIPTS = ["train_tokenizer", "deal_dataset", "pretokenize", "ddp_pretrain", "ddp_sft", "model_sample",
-           "export_model", "report", "bench_train", "bench_generate", "gpu_check", "serve", "eval_model", "poetry"]
+           "export_model", "report", "bench_train", "bench_generate", "gpu_check", "serve", "eval_model", "poetry",
+           "ddp_dpo", "make_preferences"]
 
 
 class Captured(Exception):
