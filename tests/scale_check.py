@@ -258,8 +258,8 @@ def training_memory(work, steps=TRAIN_STEPS, nproc=1, sft=False, num_workers=2):
     out = f"{work}/train_{'sft' if sft else 'pretrain'}_{nproc}"
     data = f"{work}/sft.jsonl" if sft else f"{work}/pretrain.bin"
     args = ["--data_path", data, "--tokenizer_path", f"{work}/tokenizer", "--out_dir", out,
-            "--dim", 64, "--n_layers", 2, "--n_heads", 4, "--n_kv_heads", 2, "--max_seq_len", 256,
-            "--batch_size", 8, "--max_steps", steps, "--log_interval", 50, "--eval_interval", 0,
+            "--dim", 64, "--n_layers", 2, "--n_heads", 4, "--n_kv_heads", 2, "--max_seq_len", 128,
+            "--batch_size", 4, "--max_steps", steps, "--log_interval", 50, "--eval_interval", 0,
             "--save_interval", 0, "--num_workers", num_workers, "--dtype", "float32", "--no-compile", "--val_data_path", ""]
     script = "ddp_sft.py" if sft else "ddp_pretrain.py"
     if sft:  # fine-tune the model of the pretraining run
