@@ -7,13 +7,13 @@ import re
 import subprocess
 import sys
 
+import gguf  # in requirements.txt: a missing gguf fails here rather than skipping the file
 import numpy as np
 import pytest
 import torch
 
 from conftest import CODE
 
-gguf = pytest.importorskip("gguf")
 T = gguf.GGMLQuantizationType
 
 N_LAYERS, N_HEADS, N_KV_HEADS, DIM, FFN = 2, 4, 2, 64, 80  # FFN rows of 80: not whole q8_0 blocks of 32
