@@ -93,8 +93,8 @@ def eval_summary(path: str, n_poems: int = 3) -> str:
              "```", format_table(result["metrics"]), "```", "",
              f"greedy/sampled: {result['checkpoint']}; "
              + "".join(f"{os.path.basename(os.path.normpath(p))}_*: {p}; " for p in result.get("compare", []))
-             + "pretrain_*: the pretrained model given the request as plain text; ceiling: the real poems; "
-             "floor: random lines of the right shape.", ""]
+             + ("pretrain_*: the pretrained model given the request as plain text; " if result.get("baseline") else "")
+             + "ceiling: the real poems; floor: random lines of the right shape.", ""]
     seeds = result["sampling"].get("seeds", 1)
     if seeds > 1:
         lines += [f"sampled columns: the mean of {seeds} seeds; their standard deviation of the mean score: "

@@ -1,7 +1,7 @@
 """The real path's data steps on a synthetic corpus of real size: time, MB/s and peak memory.
 
-    python tests/scale_check.py --gib 2          # ~15 min on 2 cores; ~7 GB of disk under --work_dir
-    python tests/scale_check.py --gib 2 --sweep  # also: tokenizer memory and time against --max_chars and input size
+    python tests/scale_check.py --gib 2                                # ~20 min on 2 cores; ~7 GB of disk under --work_dir
+    python tests/scale_check.py --gib 2 --parts index,data,sweep,train  # everything (~35 min)
 
 Builds, from the demo's Tang poems (data/demo_pretrain.jsonl; run `python code/deal_dataset.py
 --demo` first), a corpus in the shape of seq-monkey ({"text": ...} documents of a few hundred to a
@@ -11,7 +11,8 @@ almost every clause is new, as in a real corpus (the tokenizer trainer's memory 
 clauses). Then it runs every data step of the real path as a user would, each as its own process,
 and prints one row per step: input size, time, MB/s, and the peak memory of the step's processes
 (their summed proportional set size, workers included). Training runs a tiny model for
---train_steps steps and reports memory at step 100 and at the end: it must stay flat.
+--train_steps steps and reports its highest memory over steps 100-400 and over the last 300
+steps: it must stay flat.
 
 Not part of the test suite (too long); tests/test_scale.py runs a small version and asserts that
 memory does not grow with the input.
@@ -254,32 +255,31 @@ def last_step(out_dir):
 
 
 def training_memory(work, steps=TRAIN_STEPS, nproc=1, sft=False, num_workers=2):
-    """A tiny model trained for `steps` steps; memory of all its processes at step 100 and at the end."""
+    """A tiny model trained for `steps` steps; the memory of all its processes early and late in the run."""
     out = f"{work}/train_{'sft' if sft else 'pretrain'}_{nproc}"
     data = f"{work}/sft.jsonl" if sft else f"{work}/pretrain.bin"
     args = ["--data_path", data, "--tokenizer_path", f"{work}/tokenizer", "--out_dir", out,
             "--dim", 64, "--n_layers", 2, "--n_heads", 4, "--n_kv_heads", 2, "--max_seq_len", 128,
-            "--batch_size", 4, "--max_steps", steps, "--log_interval", 50, "--eval_interval", 0,
+            "--batch_size", 4, "--accumulation_steps", 1, "--max_steps", steps, "--log_interval", 50, "--eval_interval", 0,
             "--save_interval", 0, "--num_workers", num_workers, "--dtype", "float32", "--no-compile", "--val_data_path", ""]
     script = "ddp_sft.py" if sft else "ddp_pretrain.py"
     if sft:  # fine-tune the model of the pretraining run
         args += ["--pretrained_path", f"{work}/train_pretrain_1"]
     argv = (python(script, *args) if nproc == 1 else
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), os.path.join(CODE, script), *map(str, args)])
-    at_step = {}
+    series = []  # (step, memory) of every poll
 
     def note(used):
-        step = last_step(out)
-        for mark in (100, steps // 2, steps):
-            if step >= mark and mark not in at_step:
-                at_step[mark] = used
-    t, peak, watch = run_step(argv, env={"OMP_NUM_THREADS": "1"} if nproc > 1 else None, on_sample=note)
-    first, last = at_step.get(100, 0), watch.samples[-1] if watch.samples else 0
-    last = at_step.get(steps, last)
-    growth = (last - first) / first * 100 if first else float("nan")
+        series.append((last_step(out), used))
+    t, peak, _ = run_step(argv, env={"OMP_NUM_THREADS": "1"} if nproc > 1 else None, on_sample=note)
+    # memory swings within a step (activations come and go): compare the highest of a window of
+    # steps early in the run with the highest of the last steps
+    early = max((used for step, used in series if 100 <= step <= 400), default=0)
+    late = max((used for step, used in series if steps - 300 <= step < steps), default=0)  # not the final save
+    growth = (late - early) / early * 100 if early else float("nan")
     return {"run": f"{'SFT jsonl' if sft else 'packed .bin'}, {nproc} process(es) x {num_workers} workers",
             "data": f"{os.path.getsize(data) / 1e9:.2f} GB", "steps": steps, "time": f"{t:.0f} s",
-            "memory at step 100": f"{first / 2**30:.2f} GiB", f"at step {steps}": f"{last / 2**30:.2f} GiB",
+            "memory, steps 100-400": f"{early / 2**30:.2f} GiB", f"steps {steps - 300}-{steps}": f"{late / 2**30:.2f} GiB",
             "change": f"{growth:+.1f}%"}
 
 
@@ -343,18 +343,27 @@ def main(argv=None):
     parser.add_argument("--work_dir", default=WORK_DIR, help=f"where the corpora and outputs go (default: {WORK_DIR})")
     parser.add_argument("--source", default=SOURCE, help=f"jsonl text whose characters the corpora use (default: {SOURCE})")
     parser.add_argument("--train_steps", type=int, default=TRAIN_STEPS, help=f"steps of each training run; 0 = none (default: {TRAIN_STEPS})")
-    parser.add_argument("--sweep", action="store_true", help="also measure tokenizer training against --max_chars and input size")
-    parser.add_argument("--reuse", action="store_true", help="keep corpora already in --work_dir")
+    parser.add_argument("--parts", default="data,train",
+                        help="what to measure, comma-separated: index (sampler memory), data (every data step), sweep "
+                             "(tokenizer memory and time against --max_chars and input size), train (memory over a "
+                             "long run) (default: data,train)")
+    parser.add_argument("--reuse", action="store_true", help="keep corpora (and outputs) already in --work_dir")
     args = parser.parse_args(argv)
+    parts = set(args.parts.split(","))
+    unknown = parts - {"index", "data", "sweep", "train"}
+    if unknown:
+        parser.error(f"unknown part(s) {', '.join(sorted(unknown))}")
     work = args.work_dir
     if not (args.reuse and os.path.isfile(f"{work}/belle.json")):
         build_corpora(work, args.gib, args.source)
-    print_table(sampler_memory(10_000_000, 1) + sampler_memory(10_000_000, 4))
-    print_table(data_steps(work))
-    if args.sweep:
+    if "index" in parts:
+        print_table(sampler_memory(10_000_000, 1) + sampler_memory(10_000_000, 4))
+    if "data" in parts or not os.path.isfile(f"{work}/pretrain.bin"):
+        print_table(data_steps(work))
+    if "sweep" in parts:
         sys.path.insert(0, CODE)
         print_table(tokenizer_sweep(work, args.gib))
-    if args.train_steps:
+    if "train" in parts and args.train_steps:
         runs = [training_memory(work, args.train_steps, nproc, sft) for sft in (False, True) for nproc in (1, 2)]
         print_table(runs)
 
