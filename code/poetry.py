@@ -343,7 +343,8 @@ def preference_records(poems: List[dict], rng: random.Random, n: int = N_PREFERE
     by_form = defaultdict(list)
     for poem in poems:
         by_form[poem["form"]].append(poem)
-    return eval_records([p for form in FORMS for p in rng.sample(by_form[form], n // len(FORMS))], rng)
+    per_form = {form: min(n // len(FORMS), len(by_form[form])) for form in FORMS}  # a small corpus gives what it has
+    return eval_records([p for form in FORMS for p in rng.sample(by_form[form], per_form[form])], rng)
 
 
 def build_demo_data(tarball: str, seed: int = SEED, n_eval: int = N_EVAL, n_per_cell: int = N_PER_CELL

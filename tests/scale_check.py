@@ -105,7 +105,7 @@ def write_corpus(path: str, n_bytes: int, make_lines, desc: str):
 def make_seq_monkey(maker: TextMaker, path: str, n_bytes: int):
     """{"text": ...} per line; lengths spread like web documents (median ~500 characters, a long tail)."""
     def lines():
-        n_clauses = np.clip(maker.rng.lognormal(3.9, 0.9, 2000).astype(int), 1, 2000)
+        n_clauses = np.clip(maker.rng.lognormal(3.9, 0.9, 200).astype(int), 1, 2000)  # ~0.5 MB a call
         return [json.dumps({"text": doc}, ensure_ascii=False) + "\n" for doc in maker.documents(n_clauses)]
     write_corpus(path, n_bytes, lines, "seq-monkey-like")
 
@@ -115,7 +115,7 @@ def make_belle(maker: TextMaker, path: str, n_bytes: int):
     three turns, short questions, answers of a few hundred characters."""
     def lines():
         out = []
-        for _ in range(500):
+        for _ in range(100):
             n_turns = int(maker.rng.choice([1, 1, 1, 2, 3]))
             lengths = []
             for _ in range(n_turns):

@@ -196,6 +196,10 @@ def test_no_held_out_poem_reaches_the_training_data(tmp_path):
             assert line not in training_text
     held_text = "\n".join(r["text"] for r in data["pretrain_val"])
     assert all(record["reference"] in held_text for record in data["eval"])
+    # the DPO requests come from training poems only, a balanced share of each form
+    assert data["preference"] and all(record["reference"] not in held_text for record in data["preference"])
+    forms = [record["meta"]["form"] for record in data["preference"]]
+    assert len({forms.count(form) for form in set(forms)}) == 1
 
 
 # ---------------------------------------------------------------- instructions
