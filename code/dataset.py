@@ -193,9 +193,9 @@ class ShardSampler(Sampler):
     """This rank's indices of one epoch: the same order as DistributedSampler(shuffle=True,
     drop_last=True, seed) after set_epoch(epoch), from batch `start` on.
 
-    DistributedSampler builds each epoch a Python list of every index (~36 bytes an index: 360 MB
-    per rank for 10M windows), and a resumed loader copies its shard again. Here one epoch is an
-    int64 tensor of this rank's share only (8 bytes an index), handed out in small pieces."""
+    DistributedSampler builds each epoch a Python list of every index, and the loader copied its
+    shard into another (461 MiB per rank for 10M windows, tests/scale_check.py). Here one epoch is
+    an int64 tensor of this rank's share only (8 bytes an index), handed out in small pieces."""
 
     def __init__(self, n, world_size=1, rank=0, seed=0, epoch=0, start=0):
         generator = torch.Generator()
