@@ -147,25 +147,17 @@ def hf_llama(config: ModelConfig):
     return LlamaForCausalLM(hf_config)
 
 
-def bits_per_char(val_loss: float, val_path: str, tokenizer_path: str) -> float:
-    """The validation loss (nats per predicted token) as bits per character of the validation
-    text: loss x predicted tokens / characters / ln 2, comparable across tokenizers."""
-    from eval_model import bits_per_char_from_nats
-    from jsonl import read_jsonl, text_of
-    from train_tokenizer import load_tokenizer
-    tokenizer = load_tokenizer(tokenizer_path)
-    texts = list(read_jsonl(val_path, text_of))
-    # <s> text </s>: every text token and </s> is predicted
-    tokens = sum(len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
-    return bits_per_char_from_nats(val_loss * tokens, sum(len(t) for t in texts))
-
-
 def time_to_loss(args, paths):
     """Train the demo preset on each path for the same budget (args.time_to_loss seconds), with as
     many steps as the measured step time allows; report val losses and bits per character."""
     import json
     import ddp_pretrain
+    from eval_model import bits_per_char
+    from jsonl import read_jsonl, text_of
+    from k_model import load_model
     from pretokenize import pretokenize
+    from train_tokenizer import load_tokenizer
+    tokenizer, texts = load_tokenizer(args.tokenizer_path), list(read_jsonl(args.val_data_path, text_of))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         bin_path = os.path.join(tmp, "train.bin")
@@ -184,7 +176,8 @@ def time_to_loss(args, paths):
                 metrics = [json.loads(line) for line in f]
             train = [m for m in metrics if "loss" in m][-1]
             val = [m for m in metrics if "val_loss" in m][-1]
-            bpc = bits_per_char(val["val_loss"], args.val_data_path, args.tokenizer_path)
+            # eval_model's measure, on the trained model: comparable across paths (and tokenizers)
+            bpc = bits_per_char(load_model(out_dir), tokenizer, texts)
             rows.append([name, f"{budget:.0f}", steps, f"{train['time']:.0f}", f"{train['loss']:.3f}",
                          f"{val['val_loss']:.3f}", f"{bpc:.3f}"])
     print_table(f"4. time to loss: demo preset, validation on {args.val_data_path}",

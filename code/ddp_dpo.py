@@ -93,13 +93,8 @@ def load_reference(args, tokenizer, device):
 
 def main(argv=None):
     parser = ddp_pretrain.build_parser(__doc__, DEFAULTS, PRESETS)
-    parser.add_argument("--pretrained_path", help=f"the SFT model: where the policy starts, and the frozen reference "
-                        f"(default: {DEFAULTS['pretrained_path']})")
+    ddp_sft.add_arguments(parser, DEFAULTS, "the SFT model: where the policy starts, and the frozen reference")
     parser.add_argument("--beta", type=float, help=f"how strongly the reference holds the policy (default: {DEFAULTS['beta']})")
-    parser.add_argument("--lora_rank", type=int, help=f"LoRA rank; 0 = tune every weight (default: {DEFAULTS['lora_rank']})")
-    parser.add_argument("--lora_alpha", type=float, help=f"LoRA scaling (default: {DEFAULTS['lora_alpha']})")
-    parser.add_argument("--lora_dropout", type=float, help=f"dropout on the LoRA path (default: {DEFAULTS['lora_dropout']})")
-    parser.add_argument("--lora_targets", help=f"comma-separated Linear layers that get adapters (default: {DEFAULTS['lora_targets']})")
     args = parse_args(argv, parser, DEFAULTS, PRESETS)
     if args.beta <= 0:
         parser.error("--beta must be > 0")
@@ -109,11 +104,8 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     from dataset import PreferenceDataset
-    from k_model import ModelConfig
-    if args.dry_run:  # plans like SFT: the reference's weights come on top (2 bytes a parameter in bf16)
-        config = ModelConfig.from_pretrained(args.pretrained_path)
-        trainable = ddp_sft.lora_parameter_count(config, args) if args.lora_rank > 0 else None
-        return ddp_pretrain.dry_run(args, config, tokenizer, trainable)
+    if args.dry_run:  # planned as SFT on one chat a pair: DPO's second row a pair and its reference come on top
+        return ddp_sft.plan(args, tokenizer)
     ctx = Dist(args.device)
     set_seed(args.seed)
     try:

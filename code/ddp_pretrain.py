@@ -360,9 +360,10 @@ def add_stats(stats: dict, **values):
 
 
 def mean_stats(stats: dict, ctx: Dist) -> dict:
-    """Sums over every rank, divided by the summed weight: {"loss": ..., other keys...}."""
-    keys = sorted(stats)
-    sums = dict(zip(keys, ctx.all_reduce_sum([float(stats[k]) for k in keys])))
+    """Sums over every rank, divided by the summed weight: {"loss": ..., other keys...}. The keys
+    are every rank's: a rank that saw no batch (a validation set smaller than the world) adds 0s."""
+    keys = sorted(set().union(*ctx.gather(sorted(stats)), {"loss_sum", "weight"}))
+    sums = dict(zip(keys, ctx.all_reduce_sum([float(stats.get(k, 0.0)) for k in keys])))
     weight = max(sums.pop("weight", 0.0), 1.0)
     return {"loss" if k == "loss_sum" else k: v / weight for k, v in sums.items()}
 

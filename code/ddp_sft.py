@@ -82,15 +82,30 @@ def lora_parameter_count(config, args) -> int:
                if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in targets)
 
 
+def add_arguments(parser, defaults=DEFAULTS, pretrained_help="the pretrained model directory"):
+    """The flags of fine-tuning from a saved model (SFT, and DPO after it): where it is, and LoRA."""
+    parser.add_argument("--pretrained_path", help=f"{pretrained_help} (default: {defaults['pretrained_path']})")
+    parser.add_argument("--lora_rank", type=int, help=f"LoRA rank; 0 = full fine-tuning (default: {defaults['lora_rank']})")
+    parser.add_argument("--lora_alpha", type=float, help=f"LoRA scaling: the update is alpha / rank x B A "
+                        f"(default: {defaults['lora_alpha']})")
+    parser.add_argument("--lora_dropout", type=float, help=f"dropout on the LoRA path (default: {defaults['lora_dropout']})")
+    parser.add_argument("--lora_targets", help=f"comma-separated names of the Linear layers that get adapters "
+                        f"(default: {defaults['lora_targets']})")
+
+
+def plan(args, tokenizer):
+    """--dry_run: the architecture from the pretrained config.json (no weights read), else the flags."""
+    from k_model import ModelConfig
+    have_pretrained = os.path.isfile(os.path.join(args.pretrained_path, "config.json"))
+    config = ModelConfig.from_pretrained(args.pretrained_path) if have_pretrained \
+        else ddp_pretrain.model_config(args, tokenizer)
+    trainable = lora_parameter_count(config, args) if args.lora_rank > 0 else None
+    return ddp_pretrain.dry_run(args, config, tokenizer, trainable)
+
+
 def main(argv=None):
     parser = ddp_pretrain.build_parser(__doc__, DEFAULTS, PRESETS)
-    parser.add_argument("--pretrained_path", help=f"the pretrained model directory (default: {DEFAULTS['pretrained_path']})")
-    parser.add_argument("--lora_rank", type=int, help=f"LoRA rank; 0 = full fine-tuning (default: {DEFAULTS['lora_rank']})")
-    parser.add_argument("--lora_alpha", type=float, help=f"LoRA scaling: the update is alpha / rank x B A "
-                        f"(default: {DEFAULTS['lora_alpha']})")
-    parser.add_argument("--lora_dropout", type=float, help=f"dropout on the LoRA path (default: {DEFAULTS['lora_dropout']})")
-    parser.add_argument("--lora_targets", help=f"comma-separated names of the Linear layers that get adapters "
-                        f"(default: {DEFAULTS['lora_targets']})")
+    add_arguments(parser)
     args = parse_args(argv, parser, DEFAULTS, PRESETS)
     try:
         check_paths(args)
@@ -99,13 +114,8 @@ def main(argv=None):
         sys.exit(f"error: {e}")
 
     from dataset import SFTDataset
-    from k_model import ModelConfig
-    if args.dry_run:  # the architecture from the pretrained config.json (no weights read), else the flags
-        have_pretrained = os.path.isfile(os.path.join(args.pretrained_path, "config.json"))
-        config = ModelConfig.from_pretrained(args.pretrained_path) if have_pretrained \
-            else ddp_pretrain.model_config(args, tokenizer)
-        trainable = lora_parameter_count(config, args) if args.lora_rank > 0 else None
-        return ddp_pretrain.dry_run(args, config, tokenizer, trainable)
+    if args.dry_run:
+        return plan(args, tokenizer)
     from pretokenize import tokenizer_fingerprint
     if os.path.isfile(os.path.join(args.pretrained_path, "tokenizer.json")) and \
             tokenizer_fingerprint(args.pretrained_path) != tokenizer_fingerprint(args.tokenizer_path):

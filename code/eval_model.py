@@ -34,11 +34,10 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from cli import HelpFormatter
 from jsonl import JsonlError, read_jsonl, text_of
-from poetry import CJK_LINE, FORMS
+from poetry import CJK_LINE, FORMS, poem_body
 
 # ---- hyperparameters (CLI flags override) ----
 CHECKPOINT = "output/sft"
@@ -53,7 +52,6 @@ TOP_P = 0.9
 SEED = 42
 N_EXAMPLES = 8                             # (request, answer) pairs kept in eval.json
 
-FORM_SHAPES = FORMS  # form -> (lines, characters per line)
 HEADER = re.compile(r"^\s*[^\n《]{0,6}《[^》\n]*》[ \t]*\n")  # "五言绝句《题》": the answer's first line, not the poem's
 LINE_BREAKS = re.compile(r"[，。？！；：、,.?!;:\n]+")
 
@@ -81,7 +79,7 @@ def parse_answer_lines(text: str) -> List[str]:
 def check_form(text: str, form: str) -> bool:
     """Exactly the lines the form asks for (绝句 4, 律诗 8), each of exactly 5 (五言) or 7
     (七言) CJK characters. Which mark ends a line does not matter."""
-    n_lines, n_chars = FORM_SHAPES[form]
+    n_lines, n_chars = FORMS[form]
     lines = parse_answer_lines(text)
     return len(lines) == n_lines and all(len(line) == n_chars and CJK_LINE.fullmatch(line) for line in lines)
 
@@ -172,10 +170,10 @@ def text_nats(model, tokenizer, texts: List[str], device="cpu", batch_size=BATCH
         width = max(len(p) for p in batch) - 1
         x = torch.tensor([p[:-1] + [pad] * (width + 1 - len(p)) for p in batch], device=device)
         y = torch.tensor([p[1:] + [IGNORE_INDEX] * (width + 1 - len(p)) for p in batch], device=device)
-        logits = model(x, targets=y).logits  # right padding: causal attention keeps it out of the real positions
-        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX,
-                                 reduction="sum").item()
-        n_tokens += int((y != IGNORE_INDEX).sum())
+        n = int((y != IGNORE_INDEX).sum())
+        # the mean loss over the batch's tokens (fp32); right padding: causal attention keeps it out
+        total += model(x, targets=y).loss.item() * n
+        n_tokens += n
     return total, n_tokens
 
 
@@ -189,23 +187,14 @@ def bits_per_char(model, tokenizer, texts: List[str], device="cpu", batch_size=B
 
 def generate_batch(generator, prompts: List[List[int]], stop_id: int, max_new_tokens: int, temperature: float,
                    top_p: float, seed: int, batch_size: int = BATCH_SIZE) -> Tuple[List[str], List[bool]]:
-    """(answer, stopped) for every prompt (token ids), batch by batch, left-padded as
-    TextGenerator.chat_batch does. A row stopped if it made the stop token, or if generation
-    ended before max_new_tokens (the last rows' stop tokens are not returned)."""
-    tokenizer, model, device = generator.tokenizer, generator.model, generator.device
+    """(answer, stopped) for every prompt (token ids), batch_size prompts at a time
+    (TextGenerator.generate_batch)."""
     answers, stopped = [], []
     for b in range(0, len(prompts), batch_size):
-        rows = prompts[b:b + batch_size]
-        width = max(len(r) for r in rows)
-        idx = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        out = model.generate(idx, stop_id=stop_id, max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_p=top_p, seed=seed + b, attention_mask=mask)
-        cut_short = out.shape[1] < min(max_new_tokens, generator.max_seq_len - width)
-        for row in out.tolist():
-            end = row.index(stop_id) if stop_id in row else len(row)
-            answers.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
-            stopped.append(end < len(row) or cut_short)
+        texts, stops = generator.generate_batch(prompts[b:b + batch_size], stop_id, max_new_tokens=max_new_tokens,
+                                                temperature=temperature, top_p=top_p, seed=seed + b)
+        answers += texts
+        stopped += stops
     return answers, stopped
 
 
@@ -221,7 +210,7 @@ def prompt_ids(generator, record: dict, chat: bool, plain_prompt: str = "request
 def run_model(generator, records: List[dict], chat: bool, args) -> Dict[str, Tuple[List[str], List[bool]]]:
     """{"greedy": (answers, stopped), "sampled": (...)} of one model on the records."""
     # shortest forms first: a batch runs until its longest answer ends, so 绝句 are best batched apart
-    order = sorted(range(len(records)), key=lambda i: FORM_SHAPES[records[i]["meta"]["form"]])
+    order = sorted(range(len(records)), key=lambda i: FORMS[records[i]["meta"]["form"]])
     prompts = [prompt_ids(generator, records[i], chat, args.plain_prompt) for i in order]
     stop_id = generator.im_end_id if chat else generator.tokenizer.eos_token_id
     runs = {}
@@ -230,8 +219,10 @@ def run_model(generator, records: List[dict], chat: bool, args) -> Dict[str, Tup
     for name, temperature, seed in settings:
         answers, stopped = generate_batch(generator, prompts, stop_id, args.max_new_tokens, temperature,
                                           args.top_p, seed, args.batch_size)
-        runs[name] = ([answers[order.index(i)] for i in range(len(records))],
-                      [stopped[order.index(i)] for i in range(len(records))])
+        in_order = [None] * len(records)  # back to the records' order
+        for k, i in enumerate(order):
+            in_order[i] = (answers[k], stopped[k])
+        runs[name] = ([a for a, _ in in_order], [s for _, s in in_order])
     return runs
 
 
@@ -261,10 +252,10 @@ def random_lines(records: List[dict], seed: int = SEED) -> List[str]:
     pool = [(i, line) for i, r in enumerate(records) for line in parse_answer_lines(r["reference"])]
     answers = []
     for i, record in enumerate(records):
-        n_lines, n_chars = FORM_SHAPES[record["meta"]["form"]]
+        n_lines, n_chars = FORMS[record["meta"]["form"]]
         candidates = [line for j, line in pool if j != i and len(line) == n_chars]
         lines = [rng.choice(candidates) for _ in range(n_lines)]
-        answers.append("\n".join(f"{lines[k]}，{lines[k + 1]}。" for k in range(0, n_lines, 2)))
+        answers.append(poem_body(lines))
     return answers
 
 
@@ -278,7 +269,7 @@ def summarize(answers: List[str], records: List[dict], stopped: Optional[List[bo
         return round(sum(values) / len(values), 4) if values else None
 
     by_form = {form: rate([c["form"] for c, r in zip(checks, records) if r["meta"]["form"] == form])
-               for form in FORM_SHAPES}
+               for form in FORMS}
     return {"form_accuracy": rate([c["form"] for c in checks]),
             "stop_rate": rate(stopped) if stopped is not None else None,
             "keyword_rate": rate([c["keyword"] for c in checks]),
@@ -306,7 +297,7 @@ def format_table(metrics: Dict[str, dict]) -> str:
         lines.append(row(name, [metrics[c][name] for c in columns]))
         if name == "form_accuracy":
             lines += [row(f"  {form}", [metrics[c]["form_accuracy_by_form"][form] for c in columns])
-                      for form in FORM_SHAPES]
+                      for form in FORMS]
     return "\n".join(lines)
 
 
@@ -316,7 +307,7 @@ def read_eval_records(path: str) -> List[dict]:
     def parse(record):
         if not isinstance(record, dict) or not isinstance(record["messages"], list):
             raise TypeError("expected an eval record of poetry.eval_records")
-        if record["meta"]["form"] not in FORM_SHAPES:
+        if record["meta"]["form"] not in FORMS:
             raise ValueError(f"unknown form {record['meta']['form']!r}")
         for key in ("plain_prompt", "header_prompt", "reference"):
             if not isinstance(record[key], str):
@@ -400,6 +391,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
+    names = [os.path.basename(os.path.normpath(path)) for path in args.compare or []]
+    if len(set(names)) < len(names) or {"model", "pretrain"} & set(names):
+        parser.error("--compare: the directories name the columns, so they need distinct names other than model and pretrain")
     try:
         result = evaluate(args)
     except (JsonlError, FileNotFoundError, ValueError, OSError) as e:

@@ -26,7 +26,6 @@ from cli import HelpFormatter
 from report import read_metrics
 
 CODE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, CODE)
 
 # ---- hyperparameters (CLI flags override) ----
 PRETRAIN_STEPS = 300      # optimizer steps of the chapter preset (the first log window includes compiling)

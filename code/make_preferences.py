@@ -15,7 +15,6 @@ estimate stays meaningful. With 4 samples most requests have a better and a wors
 """
 import argparse
 import json
-import os
 import random
 import sys
 import time
@@ -23,19 +22,18 @@ import time
 from tqdm import tqdm
 
 from cli import HelpFormatter
-from eval_model import (FORM_SHAPES, MAX_NEW_TOKENS, answer_score, generate_batch, prompt_ids, read_eval_records,
-                        score_answer)
-from jsonl import JsonlError, atomic_writer, dump_line
+from deal_dataset import val_path_for, write_split
+from eval_model import (FORMS, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, answer_score, generate_batch, prompt_ids,
+                        read_eval_records, score_answer)
+from jsonl import JsonlError
 
 # ---- hyperparameters (CLI flags override) ----
 CHECKPOINT = "output/sft"
 PROMPTS = "data/demo_dpo_prompts.jsonl"
 OUT = "data/demo_dpo.jsonl"        # and its _val file beside it
 K = 4                              # answers sampled per request
-# eval_model's sampled run: at temperature 1.0, top_p 1.0 the demo model's answers scored half as well
-# (mean 0.10 against 0.20 on 48 requests x 8), so the chosen answers would be worse examples
-TEMPERATURE = 0.7
-TOP_P = 0.9
+# TEMPERATURE, TOP_P: eval_model's sampled run. At temperature 1.0, top_p 1.0 the demo model's answers
+# scored half as well (mean 0.10 against 0.20 on 48 requests x 8): the chosen answers would be worse examples
 BATCH_SIZE = 96                    # rows generated together (k answers of batch_size / k requests)
 VAL_EVERY = 10                     # one pair in VAL_EVERY goes to the validation file
 SEED = 0
@@ -59,12 +57,12 @@ def best_and_worst(answers, stopped, meta):
 def make_pairs(generator, records, args):
     """Sample k answers for every record and keep the pairs; shows progress per batch."""
     # shortest forms first: a batch runs until its longest answer ends
-    records = sorted(records, key=lambda r: FORM_SHAPES[r["meta"]["form"]])
+    records = sorted(records, key=lambda r: FORMS[r["meta"]["form"]])
     per_batch = max(1, args.batch_size // args.k)
     pairs, all_scores = [], []
     for b in tqdm(range(0, len(records), per_batch), desc="sampling", unit="batch", file=sys.stderr, disable=None):
         batch = records[b:b + per_batch]
-        prompts = [prompt_ids(generator, r, chat=True) for r in batch for _ in range(args.k)]
+        prompts = [ids for r in batch for ids in [prompt_ids(generator, r, chat=True)] * args.k]
         answers, stopped = generate_batch(generator, prompts, generator.im_end_id, args.max_new_tokens,
                                           args.temperature, args.top_p, args.seed + b, batch_size=len(prompts))
         for i, record in enumerate(batch):
@@ -79,15 +77,9 @@ def make_pairs(generator, records, args):
 
 
 def write_pairs(pairs, out, val_every):
-    """Shuffled, then every val_every-th pair to the _val file (both appear only when complete)."""
+    """Shuffled (the pairs come sorted by form), then split as deal_dataset.py splits its corpora."""
     random.Random(0).shuffle(pairs)
-    root, ext = os.path.splitext(out)
-    val = [p for i, p in enumerate(pairs) if val_every and i % val_every == val_every - 1]
-    train = [p for i, p in enumerate(pairs) if not (val_every and i % val_every == val_every - 1)]
-    for path, part in ((out, train), (f"{root}_val{ext}", val)):
-        with atomic_writer(path) as f:
-            f.writelines(dump_line(p) for p in part)
-    return len(train), len(val)
+    write_split(pairs, out, val_path_for(out), val_every)
 
 
 def main(argv=None):
@@ -120,11 +112,14 @@ def main(argv=None):
     pairs, scores = make_pairs(generator, records, args)
     if not pairs:
         sys.exit(f"error: no request of {args.prompts} had answers of different scores; raise --k or --temperature")
-    n_train, n_val = write_pairs(pairs, args.out, args.val_every)
+    try:
+        write_pairs(pairs, args.out, args.val_every)
+    except JsonlError as e:
+        sys.exit(f"error: {e}")
     mean = lambda xs: sum(xs) / len(xs)
     print(f"{len(records)} requests x {args.k} answers in {time.time() - start:.0f} s: mean score {mean(scores):.3f}; "
           f"{len(pairs)} pairs (chosen {mean([p['chosen_score'] for p in pairs]):.3f}, "
-          f"rejected {mean([p['rejected_score'] for p in pairs]):.3f}) -> {args.out} ({n_train}) and its _val file ({n_val})")
+          f"rejected {mean([p['rejected_score'] for p in pairs]):.3f})")
     print("example pair:\n" + json.dumps(pairs[0], ensure_ascii=False, indent=1)[:800])
 
 

@@ -139,16 +139,27 @@ class TextGenerator:
 
     def chat_batch(self, prompts, max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, top_k=TOP_K,
                    top_p=TOP_P, repetition_penalty=REPETITION_PENALTY, seed=SEED):
-        """Answer several prompts in one batch (left-padded); each row stops at its own <|im_end|>."""
+        """Answer several prompts in one batch; each row stops at its own <|im_end|>."""
         rows = [self.chat_prompt_ids(p, None, max_new_tokens) for p in prompts]
+        texts, _ = self.generate_batch(rows, self.im_end_id, **self._sampling(
+            max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed))
+        return texts
+
+    def generate_batch(self, rows, stop_id, **sampling):
+        """(texts, stopped) of several prompts (token ids) generated in one batch, left-padded. A row
+        stopped if it made stop_id, or if generation ended early (every row had stopped)."""
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
         idx = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
         attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
-        out = self.model.generate(idx, stop_id=self.im_end_id, attention_mask=attention_mask,
-                                  **self._sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                                                   seed))
-        return [self.tokenizer.decode(row.tolist(), skip_special_tokens=True).strip() for row in out]
+        out = self.model.generate(idx, stop_id=stop_id, attention_mask=attention_mask, **sampling).tolist()
+        cut_short = len(out[0]) < min(sampling["max_new_tokens"], self.max_seq_len - width)
+        texts, stopped = [], []
+        for row in out:
+            end = row.index(stop_id) if stop_id in row else len(row)
+            texts.append(self.tokenizer.decode(row[:end], skip_special_tokens=True).strip())
+            stopped.append(end < len(row) or cut_short)
+        return texts, stopped
 
 
 def interactive_chat(generator: TextGenerator, sampling: dict, stdin=sys.stdin):

@@ -14,6 +14,7 @@ from eval_model import (acrostic_ok, answer_score, bits_per_char, bits_per_char_
                         first_line_ok, generate_batch, keyword_ok, parse_answer_lines, random_lines, rhymes,
                         score_answer, summarize)
 from k_model import ModelConfig, Transformer
+from model_sample import TextGenerator
 from poetry import eval_records, poem_text
 from test_poetry import synthetic_poems
 
@@ -139,8 +140,9 @@ class FakeTokenizer:
         return " ".join(map(str, ids))
 
 
-class FakeGenerator:
-    """A generator whose model returns prepared tokens, as Transformer.generate would."""
+
+class FakeGenerator(TextGenerator):
+    """A TextGenerator whose model returns prepared tokens, as Transformer.generate would."""
 
     def __init__(self, out):
         self.tokenizer, self.device, self.max_seq_len = FakeTokenizer(), "cpu", 64
