@@ -33,6 +33,7 @@ WARMUP_STEPS = 3
 TIMED_STEPS = 10
 DATA_PATH = "data/demo_pretrain.jsonl"
 VAL_DATA_PATH = "data/demo_pretrain_val.jsonl"
+SFT_DATA_PATH = "data/demo_sft.jsonl"
 TOKENIZER_PATH = "tokenizer_k"
 
 
@@ -184,6 +185,70 @@ def time_to_loss(args, paths):
                 ["path", "budget s", "steps", "train s", "train loss", "val loss", "val bits/char"], rows)
 
 
+# --sweep: sizes around the demo's, each pretrained for the same --time_to_loss seconds (steps =
+# budget / the step time measured first), compared in bits per character. Each variant changes
+# SWEEP_BASE (the demo preset before the sweep); tokenizer fields are train_tokenizer.py's.
+SWEEP_BASE = dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, max_seq_len=256, batch_size=4,
+                  learning_rate=2e-3, warmup_iters=100, dtype="auto")
+SWEEP_TOKENIZER = dict(vocab_size=6144, split_cjk=True)
+SWEEP = [
+    {}, dict(split_cjk=False), dict(vocab_size=4096),
+    dict(dim=192), dict(dim=384), dict(n_layers=4), dict(n_layers=8),
+    dict(batch_size=8), dict(max_seq_len=128, batch_size=8),
+    dict(dim=128), dict(dim=192, n_layers=4), dict(dim=128, n_layers=4), dict(dim=192, batch_size=8),
+]
+
+
+def sweep(args):
+    """Pretrain each SWEEP variant for args.time_to_loss seconds; print bits per character."""
+    import json
+    import ddp_pretrain
+    from eval_model import bits_per_char
+    from jsonl import read_jsonl, text_of
+    from k_model import load_model
+    from pretokenize import pretokenize
+    from train_tokenizer import load_tokenizer, train_tokenizer
+    texts = list(read_jsonl(args.val_data_path, text_of))
+    rows = []
+    chosen = [int(i) for i in args.sweep_only.split(",")] if args.sweep_only else range(len(SWEEP))
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in [SWEEP[i] for i in chosen]:
+            tok_fields = {**SWEEP_TOKENIZER, **{k: v for k, v in variant.items() if k in SWEEP_TOKENIZER}}
+            run = {**SWEEP_BASE, **{k: v for k, v in variant.items() if k not in SWEEP_TOKENIZER}}
+            tok_dir = os.path.join(tmp, "tok_{vocab_size}_{split_cjk}".format(**tok_fields))
+            if not os.path.isdir(tok_dir):
+                train_tokenizer([args.data_path, args.sft_data_path], tok_dir, **tok_fields)
+                for name, path in (("train", args.data_path), ("val", args.val_data_path)):
+                    pretokenize(path, tok_dir, os.path.join(tok_dir, f"{name}.bin"), num_proc=2)
+            config = ModelConfig(vocab_size=tok_fields["vocab_size"],
+                                 **{k: run[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len")})
+            dtype = resolve_dtype(run["dtype"], "cpu")
+            torch.manual_seed(0)
+            model = Transformer(config)
+            (step_seconds, _), = time_steps([make_train_step(model, "cpu", dtype)],
+                                            random_batches(config.vocab_size, run["batch_size"], config.max_seq_len, 8),
+                                            "cpu", WARMUP_STEPS, 8, rounds=3)
+            steps = max(10, int(args.time_to_loss / step_seconds))
+            out_dir = os.path.join(tmp, f"run{len(rows)}")
+            flags = [f"--{k}={v}" for k, v in run.items() if k != "warmup_iters"]
+            ddp_pretrain.main(["--preset", "demo", "--tokenizer_path", tok_dir, "--out_dir", out_dir, *flags,
+                               "--data_path", os.path.join(tok_dir, "train.bin"),
+                               "--val_data_path", os.path.join(tok_dir, "val.bin"), "--max_steps", str(steps),
+                               "--warmup_iters", str(min(run["warmup_iters"], steps // 10)),
+                               "--eval_interval", "0", "--log_interval", str(max(1, steps // 4)), "--save_interval", "0"])
+            with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+                seconds = [json.loads(line) for line in f if '"loss"' in line][-1]["time"]
+            bpc = bits_per_char(load_model(out_dir), load_tokenizer(tok_dir), texts)
+            name = ", ".join(f"{k}={v}" for k, v in variant.items()) or "base (dim=256, n_layers=6)"
+            n_params = count_parameters(model)
+            rows.append([name, f"{n_params / 1e6:.1f}M", steps, f"{steps * run['batch_size'] * config.max_seq_len / 1e6:.2f}M",
+                         f"{seconds:.0f}", f"{bpc:.3f}"])
+            print_table(f"sweep so far ({args.time_to_loss:.0f} s each)", ["variant", "params", "steps", "tokens",
+                                                                         "train s", "val bits/char"], rows)
+    print_table(f"5. demo size sweep: {args.time_to_loss:.0f} s of pretraining each, bits per character on "
+                f"{args.val_data_path}", ["variant", "params", "steps", "tokens", "train s", "val bits/char"], rows)
+
+
 def print_table(title, header, rows):
     print(f"\n{title}")
     widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
@@ -201,7 +266,15 @@ def main(argv=None):
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, help="default: on CUDA only")
     parser.add_argument("--time_to_loss", type=float, default=0, help="seconds of training for the chapter's path")
     parser.add_argument("--val_data_path", default=VAL_DATA_PATH, help="held-out jsonl for --time_to_loss")
+    parser.add_argument("--sweep", action="store_true", help="only: pretrain the demo preset and its neighbours "
+                        "(SWEEP) for --time_to_loss seconds each, and compare bits per character")
+    parser.add_argument("--sweep_only", help="comma-separated indices of SWEEP to run (default: all)")
+    parser.add_argument("--sft_data_path", default=SFT_DATA_PATH, help="chats the sweep's tokenizers also learn from")
     args = parser.parse_args(argv)
+    if args.sweep:
+        if not args.time_to_loss:
+            parser.error("--sweep needs --time_to_loss SECONDS")
+        return sweep(args)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     compile_model = args.compile if args.compile is not None else device_type == "cuda"

@@ -189,6 +189,33 @@ def trim_padding(batch, multiple: int = 1):
     return X[:, :length], Y[:, :length], loss_mask[:, :length]
 
 
+def pack_chats(batch, max_length: int):
+    """Collate (X, Y, loss_mask) chats into as few rows of at most max_length tokens as they fit
+    (first fit, longest first), each chat cut after its last trained token: about half of a
+    random batch of demo chats is padding, and a packed batch holds the same answers in half
+    the tokens. Chats in one row see each other, as documents do in PackedDataset's windows;
+    every label is the same next token as unpacked, so the loss averages the same answers."""
+    pieces = []
+    for X, Y, loss_mask in batch:
+        trained = (Y != IGNORE_INDEX).nonzero()
+        length = int(trained.max()) + 1 if len(trained) else 1
+        pieces.append((X[:length], Y[:length], loss_mask[:length]))
+    rows = []  # each row: a list of pieces, their lengths summing to at most max_length
+    for piece in sorted(pieces, key=lambda p: -len(p[0])):
+        row = next((r for r in rows if sum(len(q[0]) for q in r) + len(piece[0]) <= max_length), None)
+        if row is None:
+            rows.append([piece])
+        else:
+            row.append(piece)
+    width = max(sum(len(q[0]) for q in row) for row in rows)
+    out = []
+    for column, fill in ((0, 0), (1, IGNORE_INDEX), (2, 0)):
+        out.append(torch.stack([torch.nn.functional.pad(torch.cat([q[column] for q in row]),
+                                                        (0, width - sum(len(q[0]) for q in row)), value=fill)
+                                for row in rows]))
+    return tuple(out)
+
+
 class ShardSampler(Sampler):
     """This rank's indices of one epoch: the same order as DistributedSampler(shuffle=True,
     drop_last=True, seed) after set_epoch(epoch), from batch `start` on.

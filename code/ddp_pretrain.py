@@ -69,12 +69,13 @@ DEFAULTS = dict(
 PRESETS = {
     # the chapter's 215M model (5.6.2: dim=1024, n_layers=18), for GPUs
     "chapter": dict(dim=1024, n_layers=18, n_heads=16, n_kv_heads=8, max_seq_len=512),
-    # 6M parameters, about 4 minutes on 2 CPU cores, on packed token windows (pretokenize.py);
-    # dtype auto: bf16 autocast on CPUs with bf16 instructions, fp32 on the others
-    # (small batches: at this budget more optimizer steps beat more tokens per step)
-    "demo": dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, max_seq_len=256, dtype="auto",
+    # 1.6M parameters, about 2 minutes on 2 CPU cores, on packed token windows (pretokenize.py);
+    # dtype auto: bf16 autocast on CPUs with bf16 instructions, fp32 on the others. The size
+    # won a sweep at a fixed 2 minutes (README: why the demo model is this size): small models
+    # and small batches, because at this budget more tokens and more optimizer steps beat width
+    "demo": dict(dim=128, n_layers=4, n_heads=8, n_kv_heads=4, max_seq_len=256, dtype="auto",
                  batch_size=4, accumulation_steps=1, learning_rate=2e-3, warmup_iters=100,
-                 max_steps=800, log_interval=100, save_interval=400, eval_interval=200, eval_iters=-1),
+                 max_steps=1000, log_interval=100, save_interval=500, eval_interval=250, eval_iters=-1),
 }
 DDP_TIMEOUT_MINUTES = 60  # how long a rank waits in a collective before the job fails
 SFT_LENGTH_MULTIPLE_CUDA = 64  # trimmed SFT batches round up to this on CUDA: few shapes to compile
@@ -241,6 +242,10 @@ def resolve_dtype(name: str, device_type: str) -> torch.dtype:
 def cpu_has_bf16_matmul() -> bool:
     """AMX (Intel Xeon 4th gen and newer) or AVX512-BF16 (AMD Zen 4 and newer): bf16 autocast is
     faster there (1.25x with AMX on the demo); without them it is emulated, 3x slower than fp32."""
+    # the kernels ATen dispatches to, not only the chip: under ATEN_CPU_CAPABILITY=avx2 (or on a
+    # CPU without AVX-512) the bf16 kernels are emulated, ~20x slower than fp32
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
     checks = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
     return any(check is not None and check() for check in checks)
 
@@ -392,11 +397,13 @@ def make_loader(train_set, args, ctx: Dist, trim_batches: bool):
     run starts exactly at the batch it stopped before. trim_batches cuts each batch of chats to
     its longest instead of max_seq_len.
     """
-    from dataset import ShardSampler, trim_padding
+    from dataset import ShardSampler, pack_chats, trim_padding
     # on CUDA trimmed lengths round up to a multiple of 64, so a compiled model sees a handful of shapes
     multiple = SFT_LENGTH_MULTIPLE_CUDA if ctx.device_type == "cuda" else 1
     # a dataset with its own collate (pairs of answers) trims it too
     collate = functools.partial(getattr(train_set, "collate", trim_padding), multiple=multiple) if trim_batches else None
+    if trim_batches and getattr(args, "pack_chats", False) and not hasattr(train_set, "collate"):
+        collate = functools.partial(pack_chats, max_length=train_set.max_length)
     num_workers = args.num_workers if args.num_workers >= 0 else (4 if ctx.device_type == "cuda" else 0)
     # DistributedSampler's order, held in 8 bytes an index instead of a Python list (dataset.ShardSampler)
     shard_size = len(train_set) // ctx.world_size

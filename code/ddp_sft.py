@@ -7,6 +7,7 @@ r"""Supervised fine-tuning (chapter 5.5.2): the pretraining loop on chats, loss 
 The model starts from a pretrained save_pretrained directory, loaded strictly: a missing or
 misshapen weight, or an architecture other than the preset's, is an error.
 """
+import argparse
 import os
 import sys
 
@@ -26,6 +27,7 @@ DEFAULTS = dict(
     batch_size=8,
     learning_rate=1e-5,
     warmup_iters=100,
+    pack_chats=False,         # pack each batch's chats into few rows instead of padding every chat
     lora_rank=0,              # > 0: train LoRA adapters of this rank (PEFT) instead of every weight
     lora_alpha=16,
     lora_dropout=0.05,
@@ -35,7 +37,7 @@ DEFAULTS = dict(
 PRESETS = {
     "chapter": dict(ddp_pretrain.PRESETS["chapter"]),
     "demo": dict({k: ddp_pretrain.PRESETS["demo"][k] for k in ddp_pretrain.MODEL_FIELDS if k in ddp_pretrain.PRESETS["demo"]},
-                 dtype="auto", batch_size=16, accumulation_steps=1, learning_rate=2e-3, warmup_iters=20, epochs=1,
+                 dtype="auto", pack_chats=True, batch_size=16, accumulation_steps=1, learning_rate=2e-3, warmup_iters=20, epochs=2,
                  max_steps=-1, log_interval=25, save_interval=1000, eval_interval=100, eval_iters=-1),
 }
 
@@ -106,6 +108,9 @@ def plan(args, tokenizer):
 def main(argv=None):
     parser = ddp_pretrain.build_parser(__doc__, DEFAULTS, PRESETS)
     add_arguments(parser)
+    parser.add_argument("--pack_chats", action=argparse.BooleanOptionalAction,
+                        help=f"pack each batch's chats into as few rows as fit (dataset.pack_chats) instead of "
+                             f"padding each (default: {DEFAULTS['pack_chats']})")
     args = parse_args(argv, parser, DEFAULTS, PRESETS)
     try:
         check_paths(args)
@@ -131,7 +136,8 @@ def main(argv=None):
     except (FileNotFoundError, ValueError, JsonlError) as e:
         ctx.close()
         sys.exit(f"error: {e}")
-    # random batches cut to their longest chat: grouping chats by length trained far worse on the demo
+    # random batches, cut to their longest chat or packed (--pack_chats): grouping chats by length
+    # trained far worse on the demo (README: SFT)
     run_training(args, model, train_set, val_set, ctx, trim_batches=True, sample_mode="chat")
 
 

@@ -25,6 +25,8 @@ from train_tokenizer import SYSTEM_PROMPT
 OUT_DIR = "data"
 CHUNK_SIZE = 512      # seq-monkey documents are cut into pieces of at most this many characters
 VAL_EVERY = 50        # one record in VAL_EVERY goes to the validation file
+# --demo: dialogs are there so that 你好 gets an answer; all 2,493 took 29% of the SFT tokens
+DIALOGS_PER_LANGUAGE = 500  # chatterbot-corpus has 467 Chinese and 2,026 English dialogs
 BELLE_ROLES = {"human": "user", "user": "user", "assistant": "assistant", "gpt": "assistant"}
 
 
@@ -110,21 +112,28 @@ def val_path_for(path: str) -> str:
     return f"{root}_val{ext or '.jsonl'}"
 
 
-def build_demo(out_dir: str = OUT_DIR, val_every: int = VAL_EVERY):
+def build_demo(out_dir: str = OUT_DIR, val_every: int = VAL_EVERY, seed: int = None):
     """The demo's files, from the Tang poems (poetry.py) and the chatterbot dialogs:
     demo_pretrain.jsonl       every training poem, "五言绝句《题》" before its body
     demo_pretrain_val.jsonl   the held-out poems (validation loss, bits per character)
-    demo_sft{,_val}.jsonl     poem requests answered by real poems, and the dialogs (for 你好)
+    demo_sft{,_val}.jsonl     poem requests answered by real poems, and some dialogs (for 你好)
     demo_eval.jsonl           one request per held-out poem, for eval_model.py
     demo_dpo_prompts.jsonl    requests from training poems, for make_preferences.py (DPO)
-    The held-out poems appear in no training file (the split is by poem, fixed by a seed)."""
+    The held-out poems appear in no training file (the split is by poem, fixed by poetry.SPLIT_SEED);
+    `seed` draws the training poems' order, the instructions and the dialogs' place among them."""
     import random
     import poetry
-    data = poetry.build_demo_data(poetry.fetch_poetry(out_dir))
+    seed = poetry.SEED if seed is None else seed
+    data = poetry.build_demo_data(poetry.fetch_poetry(out_dir), seed)
     write_split(data["pretrain"], os.path.join(out_dir, "demo_pretrain.jsonl"), None, 0)
     write_split(data["pretrain_val"], os.path.join(out_dir, "demo_pretrain_val.jsonl"), None, 0)
-    sft = data["sft"] + list(chatterbot_records())
-    random.Random(poetry.SEED).shuffle(sft)  # the validation split takes both kinds
+    rng = random.Random(seed)
+    dialogs = []
+    for language in ("chinese", "english"):  # at most DIALOGS_PER_LANGUAGE of each, drawn by the seed
+        records = list(chatterbot_records((language,)))
+        dialogs += rng.sample(records, min(DIALOGS_PER_LANGUAGE, len(records)))
+    sft = data["sft"] + dialogs
+    rng.shuffle(sft)  # the validation split takes both kinds
     write_split(sft, os.path.join(out_dir, "demo_sft.jsonl"), os.path.join(out_dir, "demo_sft_val.jsonl"), val_every)
     write_split(data["eval"], os.path.join(out_dir, "demo_eval.jsonl"), None, 0)
     write_split(data["preference"], os.path.join(out_dir, "demo_dpo_prompts.jsonl"), None, 0)
@@ -140,12 +149,14 @@ def main(argv=None):
     parser.add_argument("--out_dir", default=OUT_DIR, help="where --demo writes its files (and keeps the npm tarball)")
     parser.add_argument("--chunk_size", type=int, default=CHUNK_SIZE, help="seq-monkey documents are cut into pieces of at most this many characters")
     parser.add_argument("--val_every", type=int, default=VAL_EVERY, help="0 = no validation split")
+    parser.add_argument("--seed", type=int, default=None, help="--demo: the training poems' order and the SFT "
+                        "requests; the held-out poems stay the same (default: poetry.SEED, 42)")
     args = parser.parse_args(argv)
     if not (args.demo or args.pretrain_src or args.sft_src):
         parser.error("nothing to do: give --demo, --pretrain_src or --sft_src")
     try:
         if args.demo:
-            build_demo(args.out_dir, args.val_every)
+            build_demo(args.out_dir, args.val_every, args.seed)
         if args.pretrain_src:
             write_split(seq_monkey_records(args.pretrain_src, args.chunk_size), args.pretrain_out,
                         val_path_for(args.pretrain_out), args.val_every)

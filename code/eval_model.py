@@ -16,6 +16,10 @@ acrostic accuracy    the lines begin with the characters asked for, no line more
 first-line rate      the answer begins with the line it was given (continue requests)
 rhyme rate           the even lines end in one rhyme group (rhymes())
 mean score           per answer, the share of the checks it was asked for that it passes
+header form / title  the answer's first line names the form asked for, and the title (无题
+                     when the request names none): does the answer answer this request?
+distinct share       distinct poem bodies / answers: a collapsed model writes one poem for all
+repeat rate          answers with a character twice in a row (不不); real poems do it too (青青)
 
 Columns: the model, greedy and sampled; the pretrained-only model (--baseline), given the
 same request as plain text; the real held-out poems (ceiling: form, keyword, acrostic and
@@ -37,7 +41,7 @@ import torch
 
 from cli import HelpFormatter
 from jsonl import JsonlError, read_jsonl, text_of
-from poetry import CJK_LINE, FORMS, poem_body
+from poetry import CJK_LINE, FORMS, SHORT_NAMES, header_title, poem_body
 
 # ---- hyperparameters (CLI flags override) ----
 CHECKPOINT = "output/sft"
@@ -122,6 +126,37 @@ def acrostic_ok(text: str, heads: str) -> bool:
 def first_line_ok(text: str, first_line: str) -> bool:
     lines = parse_answer_lines(text)
     return bool(lines) and lines[0] == first_line
+
+
+HEADER_PARTS = re.compile(r"^\s*([^\n《]{0,6})《([^》\n]*)》[ \t]*\n")
+
+
+def header_of(text: str) -> Tuple[Optional[str], Optional[str]]:
+    """(form, title) that an answer's header line names ("七言绝句《春望》"), (None, None) without one."""
+    match = HEADER_PARTS.match(text)
+    return (match.group(1).strip(), match.group(2)) if match else (None, None)
+
+
+def header_form_ok(text: str, form: str) -> bool:
+    """The header names the form asked for (its full or short name)."""
+    return header_of(text)[0] in (form, SHORT_NAMES[form])
+
+
+def asked_title(record: dict) -> str:
+    """The title the answer's header should name: the request's 《title》, else 无题 (poetry.header_title)."""
+    return header_title(record["messages"][-1]["content"], record["meta"]["title"])
+
+
+def has_repeat(text: str) -> bool:
+    """A character written twice in a row inside a line (不不). Real poems do it too (青青,
+    萧萧): compare with the ceiling column, not with 0."""
+    return any(a == b for line in parse_answer_lines(text) for a, b in zip(line, line[1:]))
+
+
+def answer_body(text: str) -> str:
+    """The poem without its header line, spaces removed: two answers that differ only in the
+    header (the title copied from the request) have the same body."""
+    return re.sub(r"\s+", "", HEADER.sub("", text, count=1))
 
 
 def score_answer(answer: str, meta: dict) -> Dict[str, Optional[bool]]:
@@ -270,7 +305,12 @@ def summarize(answers: List[str], records: List[dict], stopped: Optional[List[bo
 
     by_form = {form: rate([c["form"] for c, r in zip(checks, records) if r["meta"]["form"] == form])
                for form in FORMS}
+    titles = [asked_title(r) for r in records]
     return {"form_accuracy": rate([c["form"] for c in checks]),
+            "header_form_rate": rate([header_form_ok(a, r["meta"]["form"]) for a, r in zip(answers, records)]),
+            "header_title_rate": rate([header_of(a)[1] == t for a, t in zip(answers, titles)]),
+            "distinct_share": round(len({answer_body(a) for a in answers}) / len(answers), 4) if answers else None,
+            "repeat_rate": rate([has_repeat(a) for a in answers]),
             "stop_rate": rate(stopped) if stopped is not None else None,
             "keyword_rate": rate([c["keyword"] for c in checks]),
             "acrostic_accuracy": rate([c["acrostic"] for c in checks]),
@@ -281,7 +321,7 @@ def summarize(answers: List[str], records: List[dict], stopped: Optional[List[bo
 
 
 METRICS = ("form_accuracy", "stop_rate", "keyword_rate", "acrostic_accuracy", "first_line_rate", "rhyme_rate",
-           "mean_score")
+           "mean_score", "header_form_rate", "header_title_rate", "distinct_share", "repeat_rate")
 
 
 def format_table(metrics: Dict[str, dict]) -> str:
@@ -298,6 +338,27 @@ def format_table(metrics: Dict[str, dict]) -> str:
         if name == "form_accuracy":
             lines += [row(f"  {form}", [metrics[c]["form_accuracy_by_form"][form] for c in columns])
                       for form in FORMS]
+    return "\n".join(lines)
+
+
+def summarize_runs(paths: List[str]) -> str:
+    """Several eval.json files (one a training seed, say) as one table: per metric and column,
+    the mean and [min, max] over the runs. One run is one draw; this is the recipe."""
+    results = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            results.append(json.load(f))
+    columns = [c for c in results[0]["metrics"] if all(c in r["metrics"] for r in results)]
+    lines = [f"{len(results)} runs: mean [min, max]", " " * 20 + "".join(f"{c:>22}" for c in columns)]
+
+    def cell(values):
+        values = [v for v in values if v is not None]
+        return f"{'-':>22}" if not values else f"{sum(values) / len(values):.3f} [{min(values):.2f}, {max(values):.2f}]".rjust(22)
+    bpc_names = [k for k in results[0]["bits_per_char"] if k not in ("n_texts", "n_chars")]
+    for name in bpc_names:
+        lines.append(f"bits/char {name}".ljust(20) + cell([r["bits_per_char"].get(name) for r in results]))
+    for name in METRICS:
+        lines.append(name.ljust(20) + "".join(cell([r["metrics"][c][name] for r in results]) for c in columns))
     return "\n".join(lines)
 
 
@@ -383,12 +444,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare", nargs="+", help="other chat models evaluated beside --checkpoint, as columns named by their directory (default: none)")
     parser.add_argument("--out", default=None, help="the JSON file to write (default: CHECKPOINT/eval.json)")
     parser.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
+    parser.add_argument("--summarize", nargs="+", metavar="EVAL_JSON",
+                        help="only print the mean and range of these eval.json files (runs of several seeds)")
     return parser
 
 
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.summarize:
+        try:
+            print(summarize_runs(args.summarize))
+        except (OSError, ValueError, KeyError) as e:
+            sys.exit(f"error: {e}")
+        return
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
     names = [os.path.basename(os.path.normpath(path)) for path in args.compare or []]

@@ -33,7 +33,8 @@ from train_tokenizer import SYSTEM_PROMPT
 
 # ---- hyperparameters (CLI flags override) ----
 DATA_DIR = "data"      # where the tarball is kept
-SEED = 42              # fixes the split and the instructions
+SPLIT_SEED = 42        # fixes the held-out poems and their eval requests: every run is tested alike
+SEED = 42              # the training poems' order, the SFT instructions and the DPO requests (--seed)
 N_EVAL = 200           # held-out poems, the same number of each form; each gives one eval prompt
 N_PER_CELL = 200       # SFT instructions per (task, form): 4 tasks x 4 forms x 200 = 3,200 chats
 N_PREFERENCE = 800     # training requests for DPO's preference pairs (make_preferences.py)
@@ -177,7 +178,7 @@ def load_poems(tarball: str) -> List[dict]:
     return poems
 
 
-def split_poems(poems: List[dict], seed: int = SEED, n_eval: int = N_EVAL) -> Tuple[List[dict], List[dict]]:
+def split_poems(poems: List[dict], seed: int = SPLIT_SEED, n_eval: int = N_EVAL) -> Tuple[List[dict], List[dict]]:
     """(train, held out), by poem: n_eval // 4 held-out poems of each form, drawn by the seed;
     the training poems are shuffled by the same seed (a corpus in file order is grouped by poet)."""
     rng = random.Random(seed)
@@ -228,31 +229,40 @@ REQUESTS = {
         "来一首{form}吧，就写《{title}》。",
     ],
     "keyword": [
-        "写一首{form}，诗中要用到“{keyword}”字。",
+        "写一首{form}，题为《{title}》，诗中要用到“{keyword}”字。",
         "以《{title}》为题作一首{form}，诗里须有“{keyword}”字。",
-        "请写一首含有“{keyword}”字的{form}。",
-        "用上“{keyword}”这个字，写首{form}。",
+        "请写一首含有“{keyword}”字的{form}，题目是《{title}》。",
+        "用上“{keyword}”这个字，写首{form}，就叫《{title}》。",
         "我想要一首带“{keyword}”字的{form}，题目就叫《{title}》。",
         "作{form}一首，要求出现“{keyword}”字，题目自拟。",
     ],
     "acrostic": [
-        "写一首藏头{form}，藏“{heads}”{count}字。",
-        "以“{heads}”为藏头，作一首{form}。",
-        "请写一首{form}，每句的第一个字依次是：{head_list}。",
+        "写一首藏头{form}《{title}》，藏“{heads}”{count}字。",
+        "以“{heads}”为藏头，作一首{form}，题为《{title}》。",
+        "请写一首{form}，题目是《{title}》，每句的第一个字依次是：{head_list}。",
         "帮我写首藏头诗，用{form}的体裁，各句开头连起来是“{heads}”。",
         "藏头诗一首：{form}，题为《{title}》，句首依次为“{heads}”。",
-        "把“{heads}”藏在每句开头，写一首{form}。",
+        "把“{heads}”藏在每句开头，写一首{form}，题目叫《{title}》。",
     ],
     "continue": [
-        "以“{first}”为首句，写一首{form}。",
+        "以“{first}”为首句，写一首{form}，题为《{title}》。",
         "首句是“{first}”，请续成一首{form}，写出全诗。",
-        "接着“{first}”往下写，凑成一首完整的{form}。",
+        "接着“{first}”往下写，凑成一首完整的{form}《{title}》。",
         "{form}《{title}》的第一句是“{first}”，请写出全诗。",
-        "给你一句“{first}”，以它开头写一首{form}。",
-        "请对下去：“{first}”——续成{form}，连这一句一并写出。",
+        "给你一句“{first}”，以它开头写一首{form}，题目是《{title}》。",
+        "请对下去：“{first}”——续成{form}《{title}》，连这一句一并写出。",
     ],
 }
 COUNTS = {4: "四", 8: "八"}
+# the header title of an answer to a request that names no title: the header is then always
+# what the request says, and the model learns to copy the title (with the poem's real title
+# there, it learnt to make titles up, and greedy answers fell on one memorised poem)
+UNTITLED = "无题"
+
+
+def header_title(request: str, title: str) -> str:
+    """The title an answer's header names: the request's 《title》, else UNTITLED."""
+    return title if f"《{title}》" in request else UNTITLED
 
 
 def pick_keyword(lines: List[str], rng: random.Random) -> str:
@@ -266,8 +276,8 @@ def make_instruction(poem: dict, task: str, rng: random.Random) -> Tuple[List[di
 
     Every request names the form (full or short name), so every answer's form is checkable.
     The answer is the poem as pretraining wrote it, header and body: the model first names the
-    form and title (copied from the request), and then writes the body after a header, as it
-    learnt to in pretraining. For "continue" too, the given first line included, so that all
+    form and title (copied from the request; UNTITLED when the request names none), and then
+    writes the body after a header, as it learnt to in pretraining. For "continue" too, the given first line included, so that all
     answers are whole poems. meta: {"task", "form", "title", "keyword", "acrostic",
     "first_line"}, None where the task has no such field.
     """
@@ -286,8 +296,9 @@ def make_instruction(poem: dict, task: str, rng: random.Random) -> Tuple[List[di
     request = rng.choice(REQUESTS[task]).format(
         form=rng.choice([poem["form"], SHORT_NAMES[poem["form"]]]), title=poem["title"], keyword=meta["keyword"],
         heads=heads, head_list="、".join(heads), count=COUNTS.get(len(heads), ""), first=meta["first_line"])
+    answer = poem_header(poem["form"], header_title(request, poem["title"])) + "\n" + poem_body(lines)
     chat = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": request},
-            {"role": "assistant", "content": poem_text(poem)}]
+            {"role": "assistant", "content": answer}]
     return chat, meta
 
 
@@ -347,31 +358,35 @@ def preference_records(poems: List[dict], rng: random.Random, n: int = N_PREFERE
     return eval_records([p for form in FORMS for p in rng.sample(by_form[form], per_form[form])], rng)
 
 
-def build_demo_data(tarball: str, seed: int = SEED, n_eval: int = N_EVAL, n_per_cell: int = N_PER_CELL
-                    ) -> Dict[str, list]:
+def build_demo_data(tarball: str, seed: int = SEED, n_eval: int = N_EVAL, n_per_cell: int = N_PER_CELL,
+                    split_seed: int = SPLIT_SEED) -> Dict[str, list]:
     """Everything the demo needs from the corpus, as lists of jsonl records:
 
-    pretrain      {"text": poem_text} of every training poem
+    pretrain      {"text": poem_text} of every training poem, in an order drawn by `seed`
     pretrain_val  {"text": poem_text} of the held-out poems (bits per character)
     sft           chats (system, user, assistant) from training poems, balanced over tasks and forms
     eval          eval_records of the held-out poems
     preference    requests from training poems for make_preferences.py (DPO)
+
+    The held-out poems and their requests depend on split_seed only, so runs of any seed are
+    measured on the same test; `seed` draws everything a run trains on.
     """
     poems = load_poems(tarball)
-    train, held_out = split_poems(poems, seed, n_eval)
+    train, held_out = split_poems(poems, split_seed, n_eval)
     rng = random.Random(seed)
+    rng.shuffle(train)
     data = {"pretrain": [{"text": poem_text(p)} for p in train],
             "pretrain_val": [{"text": poem_text(p)} for p in held_out],
             "sft": [chat for chat, _ in build_instructions(train, rng, n_per_cell)],
-            "eval": eval_records(held_out, rng)}
-    data["preference"] = preference_records(train, rng)  # drawn last: the files above stay as they were
+            "eval": eval_records(held_out, random.Random(split_seed))}
+    data["preference"] = preference_records(train, rng)
     return data
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data_dir", default=DATA_DIR, help="where the npm tarball is kept")
-    parser.add_argument("--seed", type=int, default=SEED, help="fixes the split and the instructions")
+    parser.add_argument("--seed", type=int, default=SEED, help="the training poems' order and the instructions (the held-out split stays)")
     parser.add_argument("--n_eval", type=int, default=N_EVAL, help="held-out poems (a quarter of each form)")
     parser.add_argument("--n_per_cell", type=int, default=N_PER_CELL, help="SFT instructions per (task, form)")
     args = parser.parse_args(argv)

@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Iterator, List
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from cli import HelpFormatter
 from jsonl import JsonlError, read_jsonl, text_of
@@ -119,22 +119,30 @@ def texts_for_training(data_paths: List[str], max_chars: int = MAX_CHARS) -> Ite
             yield from sample_texts_from_jsonl(path, max(1, max_chars * size // sum(sizes)))
 
 
-def build_tokenizer() -> Tokenizer:
+def build_tokenizer(split_cjk: bool = False) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE(unk_token=UNK))
     # NFC, not the chapter's NFKC: NFKC folds full-width Chinese punctuation and digits to
     # ASCII (，？！１ -> ,?!1), so decode(encode(text)) would not give ordinary Chinese back.
     tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_cjk:
+        # every Chinese character a word of its own: merges stay inside one character, so a token
+        # is one character (明月 is 明 + 月) and a small model can count the 5 or 7 of a line.
+        # No merge crosses a character, so GPT-2's coarser split (llama.cpp) gives the same tokens.
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(r"\p{Han}"), behavior="isolated"), byte_level])
+    else:
+        tokenizer.pre_tokenizer = byte_level
     tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
 
 
 def train_tokenizer(data_paths: List[str], save_dir: str, vocab_size: int = VOCAB_SIZE,
-                    min_frequency: int = MIN_FREQUENCY, max_chars: int = MAX_CHARS) -> None:
+                    min_frequency: int = MIN_FREQUENCY, max_chars: int = MAX_CHARS, split_cjk: bool = False) -> None:
     """Train and save the tokenizer (tokenizer.json + tokenizer_config.json + special_tokens_map.json)."""
     if isinstance(data_paths, str):
         data_paths = [data_paths]
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(split_cjk)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
@@ -220,11 +228,14 @@ def main(argv=None):
     parser.add_argument("--min_frequency", type=int, default=MIN_FREQUENCY, help="a pair must occur this often to be merged")
     parser.add_argument("--max_chars", type=int, default=MAX_CHARS,
                         help="larger corpora are sampled at places spread over each file, bounding memory; 0 = read everything")
+    parser.add_argument("--split_cjk", action="store_true",
+                        help="one token per Chinese character (no merges across characters), as the poem demo uses")
     args = parser.parse_args(argv)
     if args.max_chars < 0:
         parser.error("--max_chars must be >= 0")
     try:
-        train_tokenizer(args.data_path, args.save_dir, args.vocab_size, args.min_frequency, args.max_chars)
+        train_tokenizer(args.data_path, args.save_dir, args.vocab_size, args.min_frequency, args.max_chars,
+                        args.split_cjk)
     except JsonlError as e:
         sys.exit(f"error: {e}")
     eval_tokenizer(args.save_dir)

@@ -90,6 +90,20 @@ def test_cast_for_inference_keeps_rope_tables_in_float32(tiny_config):
     assert model.generate(idx, max_new_tokens=5, temperature=0.0).shape == (1, 5)
 
 
+def test_cpu_auto_dtype_follows_the_kernels_aten_runs_not_only_the_chip(monkeypatch):
+    import ddp_pretrain
+    # a chip with AVX512-BF16, run as ATEN_CPU_CAPABILITY=avx2 (or a CPU without AVX-512) runs:
+    # bf16 would be emulated, ~20x slower than fp32
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert ddp_pretrain.resolve_dtype("auto", "cpu") == torch.float32
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert ddp_pretrain.resolve_dtype("auto", "cpu") == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert ddp_pretrain.resolve_dtype("auto", "cpu") == torch.float32
+
+
 def test_emulated_bf16_falls_back_to_fp16_and_old_cards_are_not_compiled(monkeypatch):
     import ddp_pretrain
     # a V100/T4: bf16 "supported" only through emulation

@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 
-from conftest import write_jsonl
-from dataset import PretrainDataset, SFTDataset
+from conftest import SENTENCES, write_jsonl
+from dataset import PretrainDataset, SFTDataset, pack_chats, trim_padding
 from jsonl import JsonlError
 from k_model import IGNORE_INDEX, Transformer
 import deal_dataset
@@ -458,3 +458,42 @@ def test_chatterbot_records_alternate_user_and_assistant():
         assert [m["role"] for m in turns] == ["user", "assistant"] * (len(turns) // 2)
         assert all(isinstance(m["content"], str) and m["content"].strip() == m["content"] != ""
                    for m in turns)
+
+
+# ---------------------------------------------------------------- packed SFT batches
+
+def test_pack_chats_keeps_every_chat_whole_in_fewer_tokens(tmp_path, tokenizer):
+    # one long chat and five short ones: padding makes six rows as long as the long one
+    chats = [[{"role": "system", "content": ""}, {"role": "user", "content": q}, {"role": "assistant", "content": a}]
+             for q, a in [(" ".join(SENTENCES[:5]), "是的。"), ("你好", "你好。"), ("Hi", "Hello."), ("我喜欢读书。", "我也是。"),
+                          ("Name?", "Tiny-K."), ("好", "好。")]]
+    ds = SFTDataset(write_jsonl(tmp_path / "sft.jsonl", chats), tokenizer, max_length=200)
+    batch = [ds[i] for i in range(len(ds))]
+    lengths = [int((y != IGNORE_INDEX).nonzero().max()) + 1 for _, y, _ in batch]
+    assert lengths[0] > 100 and sum(lengths[1:]) <= 200, lengths
+    X, Y, mask = pack_chats(batch, max_length=200)
+    assert X.shape == Y.shape == mask.shape and X.shape[0] == 2 and X.shape[1] <= 200
+    assert X.numel() < trim_padding(batch)[0].numel() / 2
+    # every chat's trained (input, label) pairs sit in one row, contiguous and in order
+    for x, y, m in batch:
+        last = int((y != IGNORE_INDEX).nonzero().max()) + 1
+        found = [r for r in range(len(X)) for s in range(X.shape[1] - last + 1)
+                 if X[r, s:s + last].tolist() == x[:last].tolist() and Y[r, s:s + last].tolist() == y[:last].tolist()]
+        assert found, "a chat was split or changed"
+    assert int((Y != IGNORE_INDEX).sum()) == sum(int((y != IGNORE_INDEX).sum()) for _, y, _ in batch)
+    assert int(mask.sum()) == sum(int(m.sum()) for _, _, m in batch)
+
+
+def test_split_cjk_tokenizer_gives_one_token_per_chinese_character(tmp_path):
+    from train_tokenizer import load_tokenizer, train_tokenizer
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "明月几时有，明月光。明月。Hello world, hello."}] * 50)
+    for split, merged in ((False, True), (True, False)):
+        out = str(tmp_path / f"tok{split}")
+        train_tokenizer([corpus], out, vocab_size=300, min_frequency=2, split_cjk=split)
+        tok = load_tokenizer(out)
+        pieces = [tok.decode([i]) for i in ids(tok, "明月光 hello")]
+        assert any(len(p) > 1 and "\u4e00" <= p[0] <= "\u9fff" for p in pieces) == merged, pieces
+        if split:
+            assert pieces[:3] == ["明", "月", "光"] and tok.decode(ids(tok, "明月光 hello")) == "明月光 hello"
+            # English still merges: only Chinese characters are kept apart
+            assert len(ids(tok, "hello")) < len("hello")

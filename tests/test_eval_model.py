@@ -12,7 +12,7 @@ import torch
 import eval_model
 from eval_model import (acrostic_ok, answer_score, bits_per_char, bits_per_char_from_nats, check_form,
                         first_line_ok, generate_batch, keyword_ok, parse_answer_lines, random_lines, rhymes,
-                        score_answer, summarize)
+                        answer_body, has_repeat, header_of, score_answer, summarize)
 from k_model import ModelConfig, Transformer
 from model_sample import TextGenerator
 from poetry import eval_records, poem_text
@@ -91,14 +91,49 @@ def test_score_answer_checks_only_what_was_asked():
 
 def test_summarize_counts_each_rate_over_the_requests_that_ask_for_it():
     base = {"form": "五言绝句", "title": "t", "keyword": None, "acrostic": None, "first_line": None}
-    records = [{"meta": {**base, "task": "keyword", "keyword": "霜"}},
-               {"meta": {**base, "task": "keyword", "keyword": "雪"}},
-               {"meta": {**base, "task": "form"}}, {"meta": {**base, "task": "form", "form": "七言绝句"}}]
+    ask = [{"role": "user", "content": "写一首五言绝句。"}]
+    records = [{"meta": {**base, "task": "keyword", "keyword": "霜"}, "messages": ask},
+               {"meta": {**base, "task": "keyword", "keyword": "雪"}, "messages": ask},
+               {"meta": {**base, "task": "form"}, "messages": ask},
+               {"meta": {**base, "task": "form", "form": "七言绝句"}, "messages": ask}]
     m = summarize([JINGYESI] * 4, records, stopped=[True, False, True, True])
     assert m["form_accuracy"] == 0.75 and m["keyword_rate"] == 0.5 and m["stop_rate"] == 0.75
     assert m["acrostic_accuracy"] is None and m["first_line_rate"] is None and m["rhyme_rate"] == 1.0
     assert m["form_accuracy_by_form"]["七言绝句"] == 0.0 and m["form_accuracy_by_form"]["五言律诗"] is None
     assert summarize([JINGYESI], records[:1])["stop_rate"] is None
+
+
+def test_header_agreement_counts_form_names_and_asked_titles():
+    poem = "床前明月光，疑是地上霜。\n举头望明月，低头思故乡。"
+    meta = {"task": "form", "form": "五言绝句", "title": "静夜思", "keyword": None, "acrostic": None, "first_line": None}
+    titled = {"meta": meta, "messages": [{"role": "user", "content": "写一首五言绝句，题目是《静夜思》。"}]}
+    untitled = {"meta": {**meta, "task": "keyword", "keyword": "霜"},
+                "messages": [{"role": "user", "content": "请写一首含有“霜”字的五绝。"}]}
+    assert header_of("五言绝句《静夜思》\n" + poem) == ("五言绝句", "静夜思") and header_of(poem) == (None, None)
+    answers = ["五言绝句《静夜思》\n" + poem,   # both right
+               "五绝《春晓》\n" + poem,         # the short name counts; another title does not
+               "七言绝句《静夜思》\n" + poem,   # wrong form, right title
+               poem]                             # no header
+    m = summarize(answers, [titled] * 4)
+    assert m["header_form_rate"] == 0.5 and m["header_title_rate"] == 0.5
+    # a request that names no title is answered under 无题
+    m = summarize(["五言绝句《静夜思》\n" + poem, "五言律诗《秋》\n" + poem, "五绝《无题》\n" + poem],
+                  [titled, untitled, untitled])
+    assert m["header_form_rate"] == m["header_title_rate"] == round(2 / 3, 4)
+
+
+def test_distinct_share_and_repeat_rate():
+    poem = "床前明月光，疑是地上霜。\n举头望明月，低头思故乡。"
+    records = [{"meta": {"form": "五言绝句", "title": "t", "keyword": None, "acrostic": None, "first_line": None},
+                "messages": [{"role": "user", "content": "写诗"}]}] * 4
+    # the same body under two headers is one distinct answer: a collapsed model copies titles too
+    answers = ["五言绝句《甲》\n" + poem, "五言绝句《乙》\n" + poem, "一子无无，清尘不不开。", "青青河畔草。"]
+    m = summarize(answers, records)
+    assert m["distinct_share"] == 0.75
+    assert m["repeat_rate"] == 0.5                     # 无无 and 青青 repeat; the poem does not
+    assert not has_repeat(poem) and has_repeat("一子无无")
+    assert not has_repeat("明月，月明")                # across lines is no repeat
+    assert answer_body("五言绝句《甲》\n 床前 明月光") == "床前明月光"
 
 
 def test_random_lines_have_the_asked_shape_from_other_poems():
@@ -222,6 +257,23 @@ def save_model(path, tokenizer_dir, tiny_config, seed):
     for name in os.listdir(tokenizer_dir):
         shutil.copy(os.path.join(tokenizer_dir, name), path)
     return str(path)
+
+
+def test_summarize_gives_the_mean_and_range_of_several_runs(tmp_path, capsys):
+    def run(path, form, bpc):
+        metrics = {name: 0.5 for name in eval_model.METRICS}
+        path.write_text(json.dumps({"bits_per_char": {"n_texts": 2, "n_chars": 9, "model": bpc},
+                                    "metrics": {"greedy": {**metrics, "form_accuracy": form, "stop_rate": None}}}))
+        return str(path)
+    paths = [run(tmp_path / "a.json", 0.6, 7.0), run(tmp_path / "b.json", 0.9, 6.0), run(tmp_path / "c.json", 0.9, 6.5)]
+    eval_model.main(["--summarize", *paths])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "3 runs: mean [min, max]"
+    assert next(l for l in lines if l.startswith("form_accuracy")).split()[1:] == ["0.800", "[0.60,", "0.90]"]
+    assert next(l for l in lines if l.startswith("bits/char model")).split()[2:] == ["6.500", "[6.00,", "7.00]"]
+    assert next(l for l in lines if l.startswith("stop_rate")).split()[1:] == ["-"]
+    with pytest.raises(SystemExit, match="missing.json"):
+        eval_model.main(["--summarize", str(tmp_path / "missing.json")])
 
 
 def test_eval_cli_writes_every_metric(tmp_path, eval_files, tokenizer_dir, tiny_config, capsys):

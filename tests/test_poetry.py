@@ -195,9 +195,10 @@ def test_no_held_out_poem_reaches_the_training_data(tmp_path):
         for line in parse_answer_lines(record["reference"]):
             assert line not in training_text
     held_text = "\n".join(r["text"] for r in data["pretrain_val"])
-    assert all(record["reference"] in held_text for record in data["eval"])
+    body = lambda record: record["reference"].split("\n", 1)[1]  # the header may say 无题
+    assert all(body(record) in held_text for record in data["eval"])
     # the DPO requests come from training poems only, a balanced share of each form
-    assert data["preference"] and all(record["reference"] not in held_text for record in data["preference"])
+    assert data["preference"] and all(body(record) not in held_text for record in data["preference"])
     forms = [record["meta"]["form"] for record in data["preference"]]
     assert len({forms.count(form) for form in set(forms)}) == 1
 
@@ -227,6 +228,9 @@ def test_instructions_are_balanced_varied_and_consistent_with_their_answers():
         request, answer = chat[1]["content"], chat[2]["content"]
         lines = parse_answer_lines(answer)
         assert check_form(answer, meta["form"])
+        # the header names the full form and the request's title, or 无题 when it names none
+        title = meta["title"] if f"《{meta['title']}》" in request else poetry.UNTITLED
+        assert answer.split("\n")[0] == f"{meta['form']}《{title}》"
         assert meta["form"] in request or SHORT_NAMES[meta["form"]] in request
         used[meta["task"]].add(template_of(meta["task"], request))
         if meta["task"] == "keyword":
@@ -242,6 +246,8 @@ def test_instructions_are_balanced_varied_and_consistent_with_their_answers():
         assert len(REQUESTS[task]) >= 5 and used[task] == set(range(len(REQUESTS[task])))
     assert any(SHORT_NAMES[m["form"]] in c[1]["content"] for c, m in pairs)  # short names too
     assert any(m["form"] in c[1]["content"] for c, m in pairs)
+    assert any(c[2]["content"].startswith(m["form"] + "《" + poetry.UNTITLED) for c, m in pairs)   # both kinds
+    assert any(f"《{m['title']}》" in c[2]["content"] for c, m in pairs)
 
 
 def test_an_unknown_task_is_refused():
