@@ -497,3 +497,10 @@ def test_split_cjk_tokenizer_gives_one_token_per_chinese_character(tmp_path):
             assert pieces[:3] == ["明", "月", "光"] and tok.decode(ids(tok, "明月光 hello")) == "明月光 hello"
             # English still merges: only Chinese characters are kept apart
             assert len(ids(tok, "hello")) < len("hello")
+            # no merge crosses a character, so GPT-2's coarser split (llama.cpp's for the GGUF
+            # export) gives the same tokens
+            from tokenizers import Tokenizer, pre_tokenizers
+            gpt2 = Tokenizer.from_file(os.path.join(out, "tokenizer.json"))
+            gpt2.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            for text in ["明月几时有，明月光。", "Hello world, 明月 hello!", *SENTENCES]:
+                assert gpt2.encode(text).ids == ids(tok, text), text
