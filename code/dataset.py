@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from jsonl import iter_jsonl, read_line_at, text_of
+from jsonl import changed_while_training, iter_jsonl, line_number_at, read_line_at, text_of
 from k_model import IGNORE_INDEX
 
 ROLES = ("system", "user", "assistant")
@@ -30,6 +30,10 @@ def parse_chat_record(record) -> None:
         raise ValueError("no assistant message")
 
 
+def size_or_zero(path: str) -> int:
+    return os.path.getsize(path) if os.path.isfile(path) else 0
+
+
 class JsonlDataset(Dataset):
     """Indexes the usable lines of a jsonl file by byte offset; reads one line per item."""
 
@@ -40,6 +44,7 @@ class JsonlDataset(Dataset):
         self.max_length = max_length
         self.padding = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.offsets = np.fromiter((offset for offset, _ in iter_jsonl(data_path, parse)), dtype=np.int64)
+        self.size = os.path.getsize(data_path)  # to tell a file changed under the run from a bad line
         self._file, self._file_pid = None, None
 
     def __len__(self):
@@ -48,7 +53,13 @@ class JsonlDataset(Dataset):
     def read(self, index: int):
         if self._file_pid != os.getpid():  # one handle per DataLoader worker process
             self._file, self._file_pid = open(self.data_path, "rb"), os.getpid()
-        return read_line_at(self._file, int(self.offsets[index]))
+        offset = int(self.offsets[index])
+        try:
+            return read_line_at(self._file, offset)
+        except ValueError as e:  # every line read well when the dataset was built
+            where = (f"line {line_number_at(self.data_path, offset)}" if offset < size_or_zero(self.data_path)
+                     else f"the line at byte {offset:,}")
+            raise changed_while_training(self.data_path, where, self.size) from e
 
     def to_example(self, input_id, loss_mask):
         """Truncate to max_length + 1, pad, shift by one: (X, Y, loss_mask) of length max_length."""
@@ -162,6 +173,7 @@ class PackedDataset(Dataset):
         if self.n_windows < 1:
             raise ValueError(f"{bin_path}: {meta['n_tokens']} tokens, fewer than one window of {max_length + 1}")
         self.itemsize = np.dtype(self.dtype).itemsize
+        self.n_bytes = meta["n_tokens"] * self.itemsize
         self._file, self._file_pid = None, None
 
     def __len__(self):
@@ -174,6 +186,8 @@ class PackedDataset(Dataset):
             self._file, self._file_pid = open(self.bin_path, "rb"), os.getpid()
         self._file.seek(index * self.max_length * self.itemsize)
         data = self._file.read((self.max_length + 1) * self.itemsize)
+        if len(data) < (self.max_length + 1) * self.itemsize:
+            raise changed_while_training(self.bin_path, f"window {index}", self.n_bytes)
         chunk = torch.from_numpy(np.frombuffer(data, dtype=self.dtype).astype(np.int64))
         return chunk[:-1], chunk[1:], torch.ones(self.max_length, dtype=torch.int64)
 

@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 
@@ -59,7 +60,7 @@ DEFAULTS = dict(
     num_workers=-1,               # DataLoader workers; -1 = 4 on CUDA, 0 on CPU
     use_swanlab=False,
     report=False,                 # write OUT_DIR/report.md at the end (loss_curve.png is always drawn)
-    resume=None,                  # a checkpoint file, or "auto" = the newest in out_dir/checkpoints
+    resume=None,                  # a checkpoint file, "auto" = the newest in out_dir/checkpoints, "none" = start over
     keep_checkpoints=3,           # training checkpoints kept in out_dir/checkpoints
     max_nonfinite_steps=10,       # stop after this many NaN/inf steps in a row
     compile=None,                 # torch.compile the model; None = on CUDA only
@@ -91,7 +92,7 @@ HELP = {  # one line per flag; the defaults are DEFAULTS' (a preset may change t
     "device": "auto = cuda if available, else cpu; or cuda, cuda:1, cpu",
     "dtype": "autocast dtype; auto = bfloat16 on CUDA (float16 without native bf16), on CPU bfloat16 where it "
              "has bf16 instructions (AMX, AVX512-BF16), else float32",
-    "resume": 'continue from a checkpoint file, or "auto": the newest readable one in OUT_DIR/checkpoints',
+    "resume": 'continue from a checkpoint file; "auto": the newest readable one in OUT_DIR/checkpoints; "none": start over',
     "epochs": "passes over the training data (ignored when --max_steps > 0)",
     "max_steps": "optimizer steps to train; > 0 overrides --epochs",
     "batch_size": "sequences per micro-batch per process",
@@ -185,8 +186,13 @@ class Dist:
         self.device_type = "cuda" if device.startswith("cuda") else "cpu"
         if self.ddp:
             # a generous timeout: the other ranks wait while rank 0 saves a large checkpoint or evaluates
-            dist.init_process_group(backend="nccl" if self.device_type == "cuda" else "gloo",
-                                    timeout=datetime.timedelta(minutes=DDP_TIMEOUT_MINUTES))
+            timeout = datetime.timedelta(minutes=DDP_TIMEOUT_MINUTES)
+            # torchrun --max_restarts reuses its store: without a prefix per attempt, a restarted rank could
+            # read a dead rank's address from the attempt before and fail ("Gloo connectFullMesh ... refused")
+            store, _, _ = next(dist.rendezvous("env://", self.rank, self.world_size, timeout=timeout))
+            store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+            dist.init_process_group(backend="nccl" if self.device_type == "cuda" else "gloo", store=store,
+                                    rank=self.rank, world_size=self.world_size, timeout=timeout)
         self.is_master = self.rank == 0
 
     def print(self, *args, **kwargs):
@@ -313,32 +319,76 @@ class Logger:
             self.swanlab, self.run_id = swanlab, getattr(run, "id", None)
 
     def log(self, metrics: dict, step: int):
-        if self.file is None:
-            return
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.file.flush()
+        if self.file is not None:
+            try:
+                self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+                self.file.flush()
+            except OSError as e:  # a full disk: losing log lines is better than losing the run
+                print(f"warning: {self.file.name}: cannot write metrics ({e.strerror or e}); training goes on "
+                      "without them", file=sys.stderr)
+                self.file = None
         if self.swanlab:
             self.swanlab.log(metrics, step=step)
 
     def close(self):
         if self.file:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:  # the warning was printed when the write failed
+                pass
         if self.swanlab:
             self.swanlab.finish()
 
 
-def save_model(model, args):
-    """save_pretrained into out_dir (rank 0 only), with the tokenizer files beside the weights.
-    A LoRA model saves its adapter to out_dir/adapter, then merges it into the full model."""
-    os.makedirs(args.out_dir, exist_ok=True)
-    if hasattr(model, "merge_and_unload"):  # a PEFT model: the end of training, so merging in place is fine
-        model.save_pretrained(os.path.join(args.out_dir, "adapter"))
-        model = model.merge_and_unload()
-    model.save_pretrained(args.out_dir)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        src = os.path.join(args.tokenizer_path, name)
-        if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(os.path.join(args.out_dir, name)):
-            shutil.copy(src, args.out_dir)
+def save_model(model, args, tokenizer_files=None):
+    """save_pretrained into out_dir (rank 0 only), with the tokenizer files beside the weights:
+    tokenizer_files {name: bytes} as read when the run started (else read from --tokenizer_path).
+    A LoRA model saves its adapter to out_dir/adapter, then merges it into the full model.
+    Written into a temporary folder first: a failed save (full disk) leaves no partial file."""
+    from checkpoint import CheckpointWriteError, space_note
+    if tokenizer_files is None:
+        tokenizer_files = read_tokenizer_files(args.tokenizer_path)
+
+    def write(directory):
+        model.save_pretrained(directory)
+        for name, data in tokenizer_files.items():
+            with open(os.path.join(directory, name), "wb") as f:
+                f.write(data)
+    try:
+        if hasattr(model, "merge_and_unload"):  # a PEFT model: the end of training, so merging in place is fine
+            save_files(model.save_pretrained, os.path.join(args.out_dir, "adapter"))
+            model = model.merge_and_unload()
+        save_files(write, args.out_dir)
+    except Exception as e:  # safetensors reports a full disk in its own exception type
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+        raise CheckpointWriteError(f"{args.out_dir}: final model not saved ({reason}; "
+                                   f"{space_note(args.out_dir)}); the checkpoints are intact") from e
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def read_tokenizer_files(tokenizer_path) -> dict:
+    """{name: bytes} of the tokenizer files, read once: the saved model gets the tokenizer it trained with."""
+    files = {}
+    for name in TOKENIZER_FILES:
+        path = os.path.join(tokenizer_path, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                files[name] = f.read()
+    return files
+
+
+def save_files(write, directory):
+    """write(tmp) into a temporary folder beside `directory`, then move each file into place."""
+    os.makedirs(directory, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".saving-", dir=directory)
+    try:
+        write(tmp)
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def format_eta(seconds: float) -> str:
@@ -599,7 +649,7 @@ class Run:
             "model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(), "step": self.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
             "rng": rng, "config": self.raw_model.config.to_dict(), "tokenizer_sha256": self.tokenizer_sha256,
-            "run_id": self.logger.run_id, "world_size": ctx.world_size, "args": vars(self.args)},
+            "run_id": self.logger.run_id, "lineage": self.lineage, "world_size": ctx.world_size, "args": vars(self.args)},
             self.args.keep_checkpoints)
         ctx.print(f"checkpoint {path} ({os.path.getsize(path) / 2**20:.1f} MiB, {time.time() - t0:.1f}s)")
         return path
@@ -623,6 +673,7 @@ def train(args, model, train_set, val_set, ctx: Dist, trim_batches=False, object
     # weights + AdamW's two moments, in fp32, for each kept checkpoint and the one being written
     check_out_dir(args.out_dir, n_params * 4 * 3 * (args.keep_checkpoints + 1), ctx)
     tokenizer_sha256 = tokenizer_fingerprint(args.tokenizer_path)
+    tokenizer_files = read_tokenizer_files(args.tokenizer_path)  # what the final model is saved with
     last_checkpoint, state = resume_state(args, ctx)
     if state is not None:
         check_compatible(state, raw_model, tokenizer_sha256, ctx, last_checkpoint)
@@ -651,25 +702,30 @@ def train(args, model, train_set, val_set, ctx: Dist, trim_batches=False, object
               f"{steps_per_epoch} steps/epoch, {total_steps} steps | device {ctx.device}, {dtype}"
               + (", compiled" if use_compile else ""))
 
-    step, epoch, start_batch, run_id = 0, 0, 0, None
+    from checkpoint import new_lineage
+    step, epoch, start_batch, run_id, lineage = 0, 0, 0, None, new_lineage()
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         if scaler.is_enabled() and state["scaler"]:  # a bf16/fp32 run saved an empty scaler state
             scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"][ctx.rank])
         step, epoch, start_batch, run_id = state["step"], state["epoch"], state["batch_in_epoch"], state["run_id"]
+        lineage = state.get("lineage") or lineage  # pruning deletes only this lineage's checkpoints
         ctx.print(f"resumed from {last_checkpoint}: step {step}, epoch {epoch + 1}, batch {start_batch}")
         del state
 
     run = Run(args, ctx, raw_model, model, eval_model, optimizer, scaler, dtype, val_set, batches_per_epoch,
               total_steps, step, last_checkpoint, tokenizer_sha256, run_id, objective)
+    run.lineage = ctx.broadcast(lineage)
     if step == 0:
         run.log_start(next(iter(epoch_loader(0))))
-    while run.step < total_steps:
-        if not train_epoch(epoch, epoch_loader(epoch, start_batch), model, optimizer, scaler, run, args, start_batch):
-            break
-        epoch, start_batch = epoch + 1, 0
-    run.stop.restore()
+    try:
+        while run.step < total_steps:
+            if not train_epoch(epoch, epoch_loader(epoch, start_batch), model, optimizer, scaler, run, args, start_batch):
+                break
+            epoch, start_batch = epoch + 1, 0
+    finally:  # a run failing (a peer died) must die on the launcher's SIGTERM, not wait to checkpoint
+        run.stop.restore()
     step = run.step
     if use_compile:  # more than a few graphs, or any break, means the compiled model is slower than it should be
         from torch._dynamo.utils import counters
@@ -679,7 +735,10 @@ def train(args, model, train_set, val_set, ctx: Dist, trim_batches=False, object
     if run.stopped_by_signal:
         ctx.print(f"stopped at step {step}; continue with --resume auto")
     elif ctx.is_master:
-        save_model(raw_model, args)
+        if tokenizer_fingerprint(args.tokenizer_path) != tokenizer_sha256:
+            ctx.print(f"note: {args.tokenizer_path} changed while training; {args.out_dir} gets the tokenizer "
+                      "the run started with")
+        save_model(raw_model, args, tokenizer_files)
         ctx.print(f"saved {args.out_dir} after {step} steps in {format_eta(time.time() - run.t_start)}")
     run.logger.close()
     if ctx.is_master:
@@ -707,7 +766,7 @@ def resume_state(args, ctx: Dist):
     own --out_dir). If any rank cannot read it, every rank stops with one message, at once,
     instead of rank 0 waiting for the others until the collective timeout."""
     from checkpoint import CHECKPOINT_DIR, CheckpointError, find_checkpoint, load_checkpoint
-    if not args.resume:
+    if not args.resume or args.resume == "none":
         return None, None
     path, state, error = None, None, None
     if ctx.is_master:
@@ -831,7 +890,9 @@ def run_training(args, model, train_set, val_set, ctx: Dist, trim_batches=False,
         train(args, model, train_set, val_set, ctx, trim_batches, objective)
     except (CheckpointError, TrainingError, OSError) as e:
         ctx.close()
-        sys.exit(f"error: {e}")
+        # an error in a DataLoader worker arrives wrapped in the worker's traceback: its last line is the message
+        message = str(e).strip().splitlines()[-1].split(": ", 1)[-1] if "Original Traceback" in str(e) else str(e)
+        sys.exit(f"error: {message}")
     ctx.close()
     if args.report and ctx.is_master and os.path.isfile(os.path.join(args.out_dir, "config.json")):
         from model_sample import CHAT_PROMPTS, PRETRAIN_STARTS, TextGenerator

@@ -21,6 +21,20 @@ class JsonlError(ValueError):
     """A data file that cannot be used at all (missing, empty, nothing valid)."""
 
 
+class DataChangedError(OSError):
+    """A data file that changed under a running job (truncated or rewritten): the message names
+    the file and the line or window, and says how to go on."""
+
+
+def changed_while_training(path: str, where: str, size_then: int) -> DataChangedError:
+    try:
+        now = f"{os.path.getsize(path):,} bytes now"
+    except OSError:
+        now = "gone now"
+    return DataChangedError(f"{path}: {where} cannot be read: the file changed while training ({size_then:,} bytes "
+                            f"when training started, {now}); restore it and continue with --resume auto")
+
+
 def iter_jsonl(path: str, parse: Callable[[object], T]) -> Iterator[Tuple[int, T]]:
     """Yield (byte offset of the line, parse(record)) for every usable line of `path`.
 
@@ -75,6 +89,12 @@ def read_line_at(f, offset: int):
     """Decode the JSON line that starts at byte `offset` of the binary file object `f`."""
     f.seek(offset)
     return json.loads(f.readline())
+
+
+def line_number_at(path: str, offset: int) -> int:
+    """The 1-based line number of the byte offset (for error messages only: it reads the file)."""
+    with open(path, "rb") as f:
+        return f.read(offset).count(b"\n") + 1
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ r"""Serve a model over an OpenAI-compatible HTTP API, with a chat page at /.
 Endpoints: POST /v1/chat/completions (streaming with "stream": true, as server-sent events),
 POST /v1/completions (plain continuation), GET /v1/models (with the model's max_seq_len),
 GET /health, GET / (the page). One request generates at a time; up to --max_queue wait, and more
-are answered 503.
+are answered 503 with Retry-After. A client that disconnects stops its generation.
 
 Serving a network (--host 0.0.0.0)? Set a key: TINYK_API_KEY=... python code/serve.py --host 0.0.0.0.
 Then every path but the page (/), /health and /favicon.ico needs "Authorization: Bearer <key>", as
@@ -38,6 +38,7 @@ PORT = 8000
 MAX_QUEUE = 16              # requests waiting for the model; more get 503
 MAX_TOKENS_LIMIT = 1024     # the most a request may ask for
 MAX_BODY_BYTES = 1 << 20    # larger requests get 413
+RETRY_AFTER_S = 1           # what a 503 tells the client to wait before trying again
 API_KEY_ENV = "TINYK_API_KEY"  # where --api_key comes from when the flag is not given
 # no key needed here: the page holds no secret and asks for the key; probes need /health; browsers ask
 # for /favicon.ico with every page (a 404, not a 401 that would look like someone guessing keys)
@@ -207,7 +208,10 @@ def create_app(model_dir: str, max_queue: int = MAX_QUEUE, device: str = "auto",
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
-        return error_response(e.status, e.message, e.code, e.param, e.kind)
+        response = error_response(e.status, e.message, e.code, e.param, e.kind)
+        if e.status == 503:  # busy, not broken: clients with retries (OpenAI's) wait and try again
+            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, e: RequestValidationError):
@@ -217,6 +221,12 @@ def create_app(model_dir: str, max_queue: int = MAX_QUEUE, device: str = "auto",
     async def limit_body(request: Request, call_next):
         if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
             return error_response(413, f"request body over {MAX_BODY_BYTES} bytes", code="body_too_large")
+        if request.method == "POST":  # FastAPI answers bad bytes with a bare "error parsing the body"
+            try:
+                (await request.body()).decode("utf-8")
+            except UnicodeDecodeError as e:
+                return error_response(400, f"the body is not valid UTF-8 (byte 0x{e.object[e.start]:02x} at offset "
+                                           f"{e.start})", code="invalid_json")
         return await call_next(request)
 
     @app.middleware("http")  # added last, so it runs first: no key, no work done

@@ -123,13 +123,19 @@ def test_each_process_seeing_one_gpu_uses_device_0(monkeypatch):
     chosen = []
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
-    monkeypatch.setattr(ddp_pretrain.dist, "init_process_group", lambda **kwargs: chosen.append(kwargs["timeout"]))
+    monkeypatch.setattr(ddp_pretrain.dist, "init_process_group", lambda **kwargs: chosen.append(kwargs))
+    launcher_store = torch.distributed.HashStore()
+    monkeypatch.setattr(ddp_pretrain.dist, "rendezvous", lambda *args, **kwargs: iter([(launcher_store, 3, 4)]))
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
     ctx = ddp_pretrain.Dist("cuda")
     assert ctx.device == "cuda:0" and chosen[0] == "cuda:0"
-    assert chosen[1].total_seconds() >= 30 * 60  # a generous collective timeout
+    assert chosen[1]["timeout"].total_seconds() >= 30 * 60  # a generous collective timeout
+    # the third attempt (two restarts) keeps its keys apart from the attempts before it
+    chosen[1]["store"].set("address", "x")
+    assert launcher_store.get("attempt_2/address") == b"x"
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from test_generate import peaky_model
@@ -313,3 +314,87 @@ def test_the_page_sends_through_the_history_rules(client):
     assert "requestMessages(history, prompt)" in page and "history = afterExchange(" in page
     assert "history.push" not in page  # the rules above are the only way into the history
     assert 'type="password"' in page and '"Bearer "' in page and "/v1/models" in page
+
+
+# ---------------------------------------------------------------- faults (README: "What survives what")
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_a_busy_server_says_when_to_retry(model_dir):
+    from serve import RETRY_AFTER_S, create_app
+    app = create_app(model_dir, max_queue=0, device="cpu")
+    r = TestClient(app).post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 503 and r.headers["Retry-After"] == str(RETRY_AFTER_S)
+
+
+@pytest.mark.parametrize("body", [b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', b'\xc3{"prompt": "x"}'])
+def test_invalid_utf8_gets_a_400_naming_the_byte(client, body):
+    r = client.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "not valid UTF-8" in r.json()["error"]["message"]
+    first_bad = next(i for i, b in enumerate(body) if b >= 0x80)
+    assert f"byte 0x{body[first_bad]:02x} at offset {first_bad}" in r.json()["error"]["message"]
+
+
+def test_memory_stays_flat_over_many_requests(client):
+    # 500 here, to keep the suite fast; the README's figure is 1,000 requests to the demo model
+    body = dict(CHAT, max_tokens=2)
+    for _ in range(100):  # allocator and caches settle
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+    before = rss_mib()
+    for i in range(400):
+        assert client.post("/v1/chat/completions", json=dict(body, seed=i)).status_code == 200
+    growth = rss_mib() - before
+    assert growth < 10, f"RSS grew {growth:.1f} MiB over 400 requests"
+
+
+def test_a_client_that_disconnects_mid_stream_frees_the_model(model_dir):
+    import socket
+    import threading
+    import time
+    import uvicorn
+    from serve import create_app
+    app = create_app(model_dir, max_queue=4, device="cpu")
+    worker, model = app.state.worker, app.state.worker.generator.model
+    generated, real_stream = [], model.generate_stream
+
+    def endless(idx, **kwargs):  # a model that never stops on its own, a token every 20 ms
+        while True:
+            generated.append(1)
+            time.sleep(0.02)
+            yield torch.tensor([[5]])
+    model.generate_stream = endless
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    threading.Thread(target=server.run, daemon=True).start()
+    try:
+        deadline = time.time() + 30
+        while not server.started and time.time() < deadline:
+            time.sleep(0.02)
+        body = json.dumps(dict(CHAT, max_tokens=1000, stream=True)).encode()
+        client = socket.create_connection(("127.0.0.1", port))
+        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        received = b""
+        while received.count(b'"content"') < 3:  # three tokens streamed: generation is under way
+            received += client.recv(4096)
+        assert b"finish_reason\": \"" not in received
+        client.close()
+        while (worker.waiting or worker.lock.locked()) and time.time() < deadline:
+            time.sleep(0.02)
+        assert worker.waiting == 0 and not worker.lock.locked(), "the slot was not freed"
+        n = len(generated)
+        time.sleep(0.2)
+        assert len(generated) <= n + 1, "generation went on for a client that had gone"
+        model.generate_stream = real_stream
+        import urllib.request
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=json.dumps(CHAT).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as r:
+            assert r.status == 200 and json.loads(r.read())["choices"][0]["message"]["content"] is not None
+    finally:
+        server.should_exit = True
