@@ -48,7 +48,7 @@ def main(argv=None):
     ours = Transformer(config).to(device).eval()
     hf = hf_llama(config).to(device).eval()
     if device.startswith("cuda"):  # what TextGenerator and serve.py run on a GPU
-        from ddp_pretrain import resolve_dtype
+        from harness import resolve_dtype
         dtype = resolve_dtype("auto", "cuda")
         ours, hf = cast_for_inference(ours, dtype), hf.to(dtype)
     hf.generation_config.pad_token_id = 0

@@ -25,7 +25,8 @@ import time
 import torch
 
 from cli import HelpFormatter
-from ddp_pretrain import PRESETS, autocast, make_optimizer, resolve_dtype
+from ddp_pretrain import PRESETS
+from harness import autocast, make_optimizer, resolve_dtype
 from k_model import ModelConfig, Transformer, count_parameters, mlp_hidden_dim
 
 # ---- hyperparameters (CLI flags override) ----

@@ -24,9 +24,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
-import ddp_pretrain
 import ddp_sft
-from ddp_pretrain import Dist, add_stats, check_paths, parse_args, run_training, set_seed
+from ddp_pretrain import run_training
+from harness import Dist, add_stats, build_parser, check_paths, load_tokenizer_or_none, parse_args, set_seed
 from jsonl import JsonlError
 from train_tokenizer import load_tokenizer
 
@@ -92,7 +92,7 @@ def load_reference(args, tokenizer, device):
 
 
 def main(argv=None):
-    parser = ddp_pretrain.build_parser(__doc__, DEFAULTS, PRESETS)
+    parser = build_parser(__doc__, DEFAULTS, PRESETS)
     ddp_sft.add_arguments(parser, DEFAULTS, "the SFT model: where the policy starts, and the frozen reference")
     parser.add_argument("--beta", type=float, help=f"how strongly the reference holds the policy (default: {DEFAULTS['beta']})")
     args = parse_args(argv, parser, DEFAULTS, PRESETS)
@@ -100,7 +100,7 @@ def main(argv=None):
         parser.error("--beta must be > 0")
     try:
         check_paths(args)
-        tokenizer = ddp_pretrain.load_tokenizer_or_none(args) if args.dry_run else load_tokenizer(args.tokenizer_path)
+        tokenizer = load_tokenizer_or_none(args) if args.dry_run else load_tokenizer(args.tokenizer_path)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     from dataset import PreferenceDataset

@@ -1,903 +1,269 @@
-r"""Pretraining (chapter 5.5.1): one process, or DistributedDataParallel under torchrun.
+r"""预训练（对应第 5.5.1 节）：单进程运行，或在 torchrun 下以分布式数据并行（DistributedDataParallel，DDP）运行。
 
     python code/ddp_pretrain.py --preset demo --data_path data/demo_pretrain.jsonl \
         --val_data_path data/demo_pretrain_val.jsonl --out_dir output/pretrain
     torchrun --nproc_per_node 4 code/ddp_pretrain.py --data_path data/pretrain.jsonl
 
-Each rank trains on its own shard of the data; gradients are averaged by DDP once per
-optimizer step (no_sync during accumulation); rank 0 alone logs and saves. The final model
-is a save_pretrained directory in --out_dir, with the tokenizer files beside it.
+每个进程（rank）只训练自己那一份数据；DDP 在每个优化器步把梯度平均一次（梯度累积期间用 no_sync），
+只有 rank 0 写日志、存模型。最终模型是 --out_dir 里的一个 save_pretrained 目录，分词器文件放在旁边。
+这里保留章节的部分（超参数、get_lr、train_epoch、train），数据集见 dataset.py（第 5.3 节）；
+训练循环外围的机制（进程、日志、检查点、断点续训、命令行）都在 harness.py 里。
 """
-import argparse
-import datetime
-import functools
-import json
 import math
 import os
-import random
-import shutil
-import signal
-import socket
 import sys
-import tempfile
 import time
-from contextlib import nullcontext
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Subset
 
+# 训练循环外围的机制（进程、日志、检查点、断点续训、命令行）都在 harness.py 里
+from harness import (Dist, Run, TrainingError, autocast, build_parser, check_compatible, check_out_dir, check_paths,
+                     compile_by_default, dry_run, format_eta, lm_loss, load_tokenizer_or_none, make_loader, make_optimizer,
+                     model_config, parse_args, pretrain_dataset, read_tokenizer_files, resolve_dtype, resume_state,
+                     save_model, set_seed)
 from jsonl import JsonlError
 from pretokenize import tokenizer_fingerprint
-from train_plan import add_plan_arguments, plan_from_args, print_plan, summary_line
+from train_plan import plan_from_args, summary_line
 from train_tokenizer import load_tokenizer
 
-# ---- hyperparameters: edit here; a preset overrides these, CLI flags override both ----
+# ---- 超参数：在这里修改。一次运行的设置先取 DEFAULTS，再用所选 --preset 覆盖，最后命令行参数覆盖两者：
+# 用 --preset demo 时，要改该预设设定的值就改 PRESETS["demo"]（或传命令行参数）；改 DEFAULTS 只影响预设没设的项。
 DEFAULTS = dict(
-    data_path="data/pretrain.jsonl",
-    val_data_path=None,           # held-out jsonl for the validation loss (None = skip)
-    tokenizer_path="tokenizer_k",
-    out_dir="output/pretrain",
-    preset="chapter",
-    epochs=1,
-    max_steps=-1,                 # optimizer steps; > 0 overrides epochs
-    batch_size=32,                # sequences per micro-batch per process
-    accumulation_steps=8,         # micro-batches per optimizer step
-    learning_rate=2e-4,
-    min_lr_ratio=0.1,             # cosine decays to learning_rate * min_lr_ratio
-    warmup_iters=1000,
-    weight_decay=0.1,
-    grad_clip=1.0,
-    log_interval=100,
-    save_interval=1000,
-    eval_interval=1000,
-    eval_iters=100,               # validation batches per rank (-1 = the whole file)
-    seed=42,
-    device="auto",                # auto = cuda if available, else cpu
-    dtype="auto",                 # auto = bfloat16 on CUDA (float16 without bf16); on CPU bfloat16 where it has bf16 matmul instructions, else float32
-    num_workers=-1,               # DataLoader workers; -1 = 4 on CUDA, 0 on CPU
-    use_swanlab=False,
-    report=False,                 # write OUT_DIR/report.md at the end (loss_curve.png is always drawn)
-    resume=None,                  # a checkpoint file, "auto" = the newest in out_dir/checkpoints, "none" = start over
-    keep_checkpoints=3,           # training checkpoints kept in out_dir/checkpoints
-    max_nonfinite_steps=10,       # stop after this many NaN/inf steps in a row
-    compile=None,                 # torch.compile the model; None = on CUDA only
-    # model (the preset sets these)
+    data_path="data/pretrain.jsonl",  # 预训练语料：每行 {"text": ...} 的 jsonl，或 pretokenize.py 的 .bin（打包）
+    val_data_path=None,           # 留出的验证集 jsonl，用来算验证损失（None = 不验证）
+    tokenizer_path="tokenizer_k",  # 第 5.2 节训练好的分词器目录
+    out_dir="output/pretrain",    # 最终模型、日志和检查点的输出目录
+    preset="chapter",             # 默认用章节的模型尺寸（见下面的 PRESETS）
+    epochs=1,                     # 遍历训练数据的轮数
+    max_steps=-1,                 # 优化器步数；> 0 时以它为准，不看 epochs
+    batch_size=32,                # 每个进程每个微批（micro-batch）的序列数
+    accumulation_steps=8,         # 梯度累积：每个优化器步累积的微批数（等效批量 = batch_size x 8 x 进程数）
+    learning_rate=2e-4,           # 峰值学习率：预热结束时达到
+    min_lr_ratio=0.1,             # 余弦退火降到 learning_rate * min_lr_ratio
+    warmup_iters=1000,            # 学习率预热的步数
+    weight_decay=0.1,             # AdamW 的权重衰减（归一化层等一维参数不衰减）
+    grad_clip=1.0,                # 梯度裁剪：梯度总范数的上限，防止梯度爆炸
+    log_interval=100,             # 每隔多少个优化器步打印一次日志
+    save_interval=1000,           # 每隔多少步保存一次训练检查点
+    eval_interval=1000,           # 每隔多少步算一次验证损失
+    eval_iters=100,               # 每个进程的验证批数（-1 = 整个验证文件）
+    seed=42,                      # 随机种子：权重初始化和数据打乱顺序都由它决定
+    device="auto",                # auto = 有 CUDA 就用 cuda，否则用 cpu
+    dtype="auto",                 # 混合精度的 dtype；auto：CUDA 上 bf16（不支持时 fp16），CPU 有 bf16 矩阵乘指令时 bf16，否则 fp32
+    num_workers=-1,               # DataLoader 的工作进程数；-1 = CUDA 上 4 个，CPU 上 0 个
+    use_swanlab=False,            # 同时把指标记录到 swanlab
+    report=False,                 # 结束时写出 OUT_DIR/report.md（loss_curve.png 总是会画）
+    resume=None,                  # 一个检查点文件；"auto" = out_dir/checkpoints 里最新的那个；"none" = 从头开始
+    keep_checkpoints=3,           # out_dir/checkpoints 里保留的训练检查点个数
+    max_nonfinite_steps=10,       # 连续这么多步出现 NaN/inf 就停止训练
+    compile=None,                 # 用 torch.compile 编译模型；None = 只在 CUDA 上编译
+    # 模型结构（由预设设定）
     dim=None, n_layers=None, n_heads=None, n_kv_heads=None, max_seq_len=None, dropout=0.0,
 )
+
+
 PRESETS = {
-    # the chapter's 215M model (5.6.2: dim=1024, n_layers=18), for GPUs
+    # 章节的 215M 模型（5.6.2：dim=1024, n_layers=18），用于 GPU
     "chapter": dict(dim=1024, n_layers=18, n_heads=16, n_kv_heads=8, max_seq_len=512),
-    # 1.6M parameters, about 2 minutes on 2 CPU cores, on packed token windows (pretokenize.py);
-    # dtype auto: bf16 autocast on CPUs with bf16 instructions, fp32 on the others. The size
-    # won a sweep at a fixed 2 minutes (README: why the demo model is this size): small models
-    # and small batches, because at this budget more tokens and more optimizer steps beat width
+    # 1.6M 参数，在 2 个 CPU 核上约 2 分钟，训练打包好的 token 窗口（pretokenize.py）；
+    # dtype auto：有 bf16 指令的 CPU 上用 bf16 autocast，其他 CPU 上用 fp32。这个尺寸是固定 2 分钟预算下
+    # 扫参胜出的（README：演示模型为什么是这个大小）：模型小、批量小，因为在这个预算下，
+    # 多见些 token、多走些优化器步，比把模型加宽更划算
     "demo": dict(dim=128, n_layers=4, n_heads=8, n_kv_heads=4, max_seq_len=256, dtype="auto",
                  batch_size=4, accumulation_steps=1, learning_rate=2e-3, warmup_iters=100,
                  max_steps=1000, log_interval=100, save_interval=500, eval_interval=250, eval_iters=-1),
 }
-DDP_TIMEOUT_MINUTES = 60  # how long a rank waits in a collective before the job fails
-SFT_LENGTH_MULTIPLE_CUDA = 64  # trimmed SFT batches round up to this on CUDA: few shapes to compile
-MODEL_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "dropout")
-
-
-DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
-HELP = {  # one line per flag; the defaults are DEFAULTS' (a preset may change them, see --preset)
-    "data_path": "training data: a .bin token file (pretokenize.py, packed) or a .jsonl (padded, the chapter's way)",
-    "val_data_path": "held-out data for the validation loss, same kinds as --data_path (none: no validation)",
-    "tokenizer_path": "directory of the tokenizer (train_tokenizer.py)",
-    "out_dir": "where the model, metrics.jsonl, loss_curve.png and checkpoints/ go",
-    "device": "auto = cuda if available, else cpu; or cuda, cuda:1, cpu",
-    "dtype": "autocast dtype; auto = bfloat16 on CUDA (float16 without native bf16), on CPU bfloat16 where it "
-             "has bf16 instructions (AMX, AVX512-BF16), else float32",
-    "resume": 'continue from a checkpoint file; "auto": the newest readable one in OUT_DIR/checkpoints; "none": start over',
-    "epochs": "passes over the training data (ignored when --max_steps > 0)",
-    "max_steps": "optimizer steps to train; > 0 overrides --epochs",
-    "batch_size": "sequences per micro-batch per process",
-    "accumulation_steps": "micro-batches per optimizer step (global batch = batch_size x this x processes)",
-    "learning_rate": "peak learning rate, reached after the warmup",
-    "min_lr_ratio": "the cosine decays to learning_rate x this",
-    "warmup_iters": "optimizer steps of linear warmup",
-    "weight_decay": "AdamW weight decay (not on norms)",
-    "grad_clip": "clip the gradient norm to this",
-    "log_interval": "print and log the loss every this many optimizer steps",
-    "save_interval": "write a training checkpoint every this many optimizer steps (0 = only at the end)",
-    "eval_interval": "validation loss every this many optimizer steps (0 = only at the end)",
-    "eval_iters": "validation batches per process (-1 = the whole file)",
-    "seed": "random seed (model init, data order)",
-    "num_workers": "DataLoader worker processes (-1 = 4 on CUDA, 0 on CPU)",
-    "keep_checkpoints": "training checkpoints kept in OUT_DIR/checkpoints (the newest)",
-    "max_nonfinite_steps": "stop after this many NaN/inf steps in a row",
-    "dim": "model width (default: the preset's)",
-    "n_layers": "number of DecoderLayers (default: the preset's)",
-    "n_heads": "query heads (default: the preset's)",
-    "n_kv_heads": "key/value heads, GQA (default: the preset's)",
-    "max_seq_len": "tokens per training sequence and the RoPE table's length (default: the preset's)",
-    "dropout": "dropout probability",
-}
-
-
-def build_parser(description=__doc__, defaults=DEFAULTS, presets=PRESETS) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-
-    def add(name, **kwargs):
-        default = defaults.get(name)
-        shown = "" if default is None else f" (default: {default})"
-        p.add_argument(f"--{name}", help=HELP[name] + shown, **kwargs)
-    for name in ("data_path", "val_data_path", "tokenizer_path", "out_dir", "device", "resume"):
-        add(name)
-    add("dtype", choices=DTYPES)
-    p.add_argument("--preset", choices=sorted(presets), help="model size and hyperparameters: "
-                   + "; ".join(f"{k}: " + ", ".join(f"{f}={v}" for f, v in preset.items()) for k, preset in presets.items())
-                   + f" (default: {defaults['preset']}; flags override it)")
-    for name in ("epochs", "max_steps", "batch_size", "accumulation_steps", "warmup_iters", "log_interval",
-                 "save_interval", "eval_interval", "eval_iters", "seed", "num_workers", "keep_checkpoints",
-                 "max_nonfinite_steps", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
-        add(name, type=int)
-    for name in ("learning_rate", "min_lr_ratio", "weight_decay", "grad_clip", "dropout"):
-        add(name, type=float)
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="torch.compile the model (default: on CUDA cards of compute capability 7.0+, off on CPU)")
-    p.add_argument("--report", action="store_true", help="write OUT_DIR/report.md with losses, curve and samples")
-    p.add_argument("--use_swanlab", action="store_true", help="log to swanlab in OUT_DIR/swanlog (SWANLAB_MODE: "
-                   "offline by default, no account needed)")
-    return add_plan_arguments(p)
-
-
-def parse_args(argv=None, parser=None, defaults=DEFAULTS, presets=PRESETS):
-    """defaults < preset < command line."""
-    parser = parser or build_parser()
-    parser.set_defaults(**defaults)
-    preset = parser.parse_known_args(argv)[0].preset
-    if preset:
-        if preset not in presets:
-            parser.error(f"unknown preset {preset!r}; choose from {', '.join(presets)}")
-        parser.set_defaults(**presets[preset])
-    args = parser.parse_args(argv)
-    for name in ("log_interval", "batch_size", "accumulation_steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
-    for name in ("save_interval", "eval_interval"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name} must be >= 0 (0 = never)")
-    return args
-
-
-# ---------------------------------------------------------------- setup
-
-class Dist:
-    """Who this process is: rank, world size, device. One process without torchrun."""
-
-    def __init__(self, device: str):
-        self.ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-        self.rank = int(os.environ.get("RANK", 0))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda") and self.ddp:
-            # one GPU per process, by its rank on this node; modulo the visible count for jobs that
-            # show each process only its own GPU (Slurm --gpus-per-task=1, CUDA_VISIBLE_DEVICES per rank)
-            device = f"cuda:{self.local_rank % torch.cuda.device_count()}"
-            torch.cuda.set_device(device)
-        self.device = device
-        self.device_type = "cuda" if device.startswith("cuda") else "cpu"
-        if self.ddp:
-            # a generous timeout: the other ranks wait while rank 0 saves a large checkpoint or evaluates
-            timeout = datetime.timedelta(minutes=DDP_TIMEOUT_MINUTES)
-            # torchrun --max_restarts reuses its store: without a prefix per attempt, a restarted rank could
-            # read a dead rank's address from the attempt before and fail ("Gloo connectFullMesh ... refused")
-            store, _, _ = next(dist.rendezvous("env://", self.rank, self.world_size, timeout=timeout))
-            store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-            dist.init_process_group(backend="nccl" if self.device_type == "cuda" else "gloo", store=store,
-                                    rank=self.rank, world_size=self.world_size, timeout=timeout)
-        self.is_master = self.rank == 0
-
-    def print(self, *args, **kwargs):
-        if self.is_master:
-            print(*args, **kwargs, flush=True)
-
-    def all_reduce_sum(self, values):
-        """Sum a list of floats over all ranks (one small collective)."""
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.ddp:
-            dist.all_reduce(t)
-        return t.tolist()
-
-    def any(self, flag: bool) -> bool:
-        """True on every rank if it is True on any (so all ranks take the same branch)."""
-        if not self.ddp:
-            return flag
-        t = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-    def broadcast(self, obj):
-        """Rank 0's obj, on every rank."""
-        if not self.ddp:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def gather(self, obj):
-        """Every rank's obj, in rank order (on every rank)."""
-        if not self.ddp:
-            return [obj]
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def close(self):
-        if self.ddp:
-            dist.destroy_process_group()
-
-
-def resolve_dtype(name: str, device_type: str) -> torch.dtype:
-    if name == "auto":
-        if device_type == "cuda":
-            # without emulation: V100/T4 (sm70/75) report bf16 "supported" but only emulate it, slowly
-            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-        return torch.bfloat16 if cpu_has_bf16_matmul() else torch.float32
-    return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-            "float32": torch.float32, "fp32": torch.float32}[name]
-
-
-def cpu_has_bf16_matmul() -> bool:
-    """AMX (Intel Xeon 4th gen and newer) or AVX512-BF16 (AMD Zen 4 and newer): bf16 autocast is
-    faster there (1.25x with AMX on the demo); without them it is emulated, 3x slower than fp32."""
-    # the kernels ATen dispatches to, not only the chip: under ATEN_CPU_CAPABILITY=avx2 (or on a
-    # CPU without AVX-512) the bf16 kernels are emulated, ~20x slower than fp32
-    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
-        return False
-    checks = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
-    return any(check is not None and check() for check in checks)
-
-
-def autocast(device_type: str, dtype: torch.dtype):
-    # the chapter's torch.cuda.amp.autocast() without a dtype silently meant float16
-    return nullcontext() if dtype == torch.float32 else torch.autocast(device_type=device_type, dtype=dtype)
-
-
-def set_seed(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def get_lr(it: int, total: int, args) -> float:
-    """Linear warmup to learning_rate, then cosine decay to learning_rate * min_lr_ratio."""
-    min_lr = args.learning_rate * args.min_lr_ratio
-    if it < args.warmup_iters:
+    """学习率预热与余弦退火（5.5.3）：先线性升到 learning_rate，再按余弦曲线降到 learning_rate * min_lr_ratio。"""
+    min_lr = args.learning_rate * args.min_lr_ratio  # 退火的终点
+    if it < args.warmup_iters:  # 预热：刚初始化的模型梯度很乱，先用小学习率，逐步升到峰值
         return args.learning_rate * (it + 1) / args.warmup_iters
-    if it >= total:
+    if it >= total:  # 超出计划的步数：停在最低学习率
         return min_lr
-    progress = (it - args.warmup_iters) / max(1, total - args.warmup_iters)
+    progress = (it - args.warmup_iters) / max(1, total - args.warmup_iters)  # 退火进度：0（预热刚结束）到 1
+    # cos 从 1 降到 -1，学习率随之从 learning_rate 平滑地降到 min_lr
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.learning_rate - min_lr)
 
 
-def compile_by_default(device: str) -> bool:
-    """torch.compile where Inductor's Triton kernels run: CUDA cards of compute capability 7.0 or
-    newer (a P40 or older would crash in Inductor); off on CPU, where compiling takes longer than it saves."""
-    return device.startswith("cuda") and torch.cuda.get_device_capability(device) >= (7, 0)
-
-
-def make_optimizer(model, args, device_type):
-    # no weight decay on norms (1-D weights), as in LLaMA / nanoGPT
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95),
-                             fused=device_type == "cuda")
-
-
-# ---------------------------------------------------------------- logging and saving
-
-class Logger:
-    """Rank 0 writes metrics.jsonl in out_dir (and swanlab if asked); other ranks stay silent."""
-
-    def __init__(self, args, ctx: Dist, resume_step: int = 0, run_id: str = None):
-        self.ctx, self.swanlab, self.file, self.run_id = ctx, None, None, run_id
-        if not ctx.is_master:
-            return
-        os.makedirs(args.out_dir, exist_ok=True)
-        path = os.path.join(args.out_dir, "metrics.jsonl")
-        kept = []
-        if resume_step and os.path.isfile(path):  # keep the history up to the checkpoint, drop what came after
-            with open(path, encoding="utf-8") as f:
-                kept = [line for line in f if json.loads(line)["step"] <= resume_step]
-        self.file = open(path, "w", encoding="utf-8")
-        self.file.writelines(kept)
-        if args.use_swanlab:
-            import swanlab
-            mode = os.environ.get("SWANLAB_MODE", "offline")
-            resume = dict(id=run_id, resume="allow") if run_id and mode == "cloud" else {}
-            run = swanlab.init(project="Tiny-K", name=os.path.basename(os.path.normpath(args.out_dir)),
-                               config=vars(args), mode=mode, log_dir=os.path.join(args.out_dir, "swanlog"), **resume)
-            self.swanlab, self.run_id = swanlab, getattr(run, "id", None)
-
-    def log(self, metrics: dict, step: int):
-        if self.file is not None:
-            try:
-                self.file.write(json.dumps({"step": step, **metrics}) + "\n")
-                self.file.flush()
-            except OSError as e:  # a full disk: losing log lines is better than losing the run
-                print(f"warning: {self.file.name}: cannot write metrics ({e.strerror or e}); training goes on "
-                      "without them", file=sys.stderr)
-                self.file = None
-        if self.swanlab:
-            self.swanlab.log(metrics, step=step)
-
-    def close(self):
-        if self.file:
-            try:
-                self.file.close()
-            except OSError:  # the warning was printed when the write failed
-                pass
-        if self.swanlab:
-            self.swanlab.finish()
-
-
-def save_model(model, args, tokenizer_files=None):
-    """save_pretrained into out_dir (rank 0 only), with the tokenizer files beside the weights:
-    tokenizer_files {name: bytes} as read when the run started (else read from --tokenizer_path).
-    A LoRA model saves its adapter to out_dir/adapter, then merges it into the full model.
-    Written into a temporary folder first: a failed save (full disk) leaves no partial file."""
-    from checkpoint import CheckpointWriteError, space_note
-    if tokenizer_files is None:
-        tokenizer_files = read_tokenizer_files(args.tokenizer_path)
-
-    def write(directory):
-        model.save_pretrained(directory)
-        for name, data in tokenizer_files.items():
-            with open(os.path.join(directory, name), "wb") as f:
-                f.write(data)
-    try:
-        if hasattr(model, "merge_and_unload"):  # a PEFT model: the end of training, so merging in place is fine
-            save_files(model.save_pretrained, os.path.join(args.out_dir, "adapter"))
-            model = model.merge_and_unload()
-        save_files(write, args.out_dir)
-    except Exception as e:  # safetensors reports a full disk in its own exception type
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
-        raise CheckpointWriteError(f"{args.out_dir}: final model not saved ({reason}; "
-                                   f"{space_note(args.out_dir)}); the checkpoints are intact") from e
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def read_tokenizer_files(tokenizer_path) -> dict:
-    """{name: bytes} of the tokenizer files, read once: the saved model gets the tokenizer it trained with."""
-    files = {}
-    for name in TOKENIZER_FILES:
-        path = os.path.join(tokenizer_path, name)
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                files[name] = f.read()
-    return files
-
-
-def save_files(write, directory):
-    """write(tmp) into a temporary folder beside `directory`, then move each file into place."""
-    os.makedirs(directory, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".saving-", dir=directory)
-    try:
-        write(tmp)
-        for name in os.listdir(tmp):
-            os.replace(os.path.join(tmp, name), os.path.join(directory, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def format_eta(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-# ---------------------------------------------------------------- training
-
-def lm_loss(model, X, Y, stats: dict):
-    """The chapter's loss, model(X, Y).loss: mean cross-entropy of the next token over the trained
-    positions. stats collects what a weighted mean over batches needs (here: tokens)."""
-    from k_model import IGNORE_INDEX
-    loss = model(X, Y).loss
-    n_tokens = (Y != IGNORE_INDEX).sum()
-    add_stats(stats, loss_sum=loss.detach() * n_tokens, weight=n_tokens)
-    return loss
-
-
-def add_stats(stats: dict, **values):
-    """Running sums, kept on the device (no synchronisation per micro-step)."""
-    for key, value in values.items():
-        stats[key] = stats.get(key, 0) + value
-
-
-def mean_stats(stats: dict, ctx: Dist) -> dict:
-    """Sums over every rank, divided by the summed weight: {"loss": ..., other keys...}. The keys
-    are every rank's: a rank that saw no batch (a validation set smaller than the world) adds 0s."""
-    keys = sorted(set().union(*ctx.gather(sorted(stats)), {"loss_sum", "weight"}))
-    sums = dict(zip(keys, ctx.all_reduce_sum([float(stats.get(k, 0.0)) for k in keys])))
-    weight = max(sums.pop("weight", 0.0), 1.0)
-    return {"loss" if k == "loss_sum" else k: v / weight for k, v in sums.items()}
-
-
-@torch.no_grad()
-def evaluate(model, val_set, args, ctx: Dist, dtype, objective=lm_loss) -> dict:
-    """Validation, weighted over the whole set ({"loss": ...} and what else the objective counts);
-    each rank takes every world_size-th sample, sums reduce over ranks."""
-    model.eval()
-    shard = Subset(val_set, range(ctx.rank, len(val_set), ctx.world_size))
-    loader = DataLoader(shard, batch_size=args.batch_size, shuffle=False, collate_fn=getattr(val_set, "collate", None))
-    stats = {}
-    for i, (X, Y, _) in enumerate(loader):
-        if 0 <= args.eval_iters <= i:
-            break
-        with autocast(ctx.device_type, dtype):
-            objective(model, X.to(ctx.device), Y.to(ctx.device), stats)
-    model.train()
-    return mean_stats(stats, ctx)
-
-
-def make_loader(train_set, args, ctx: Dist, trim_batches: bool):
-    """(batches per epoch, epoch_loader(epoch, start_batch) -> DataLoader of this rank's batches).
-
-    Each rank iterates its own shard, in an order fixed by the seed and the epoch, so a resumed
-    run starts exactly at the batch it stopped before. trim_batches cuts each batch of chats to
-    its longest instead of max_seq_len.
-    """
-    from dataset import ShardSampler, pack_chats, trim_padding
-    # on CUDA trimmed lengths round up to a multiple of 64, so a compiled model sees a handful of shapes
-    multiple = SFT_LENGTH_MULTIPLE_CUDA if ctx.device_type == "cuda" else 1
-    # a dataset with its own collate (pairs of answers) trims it too
-    collate = functools.partial(getattr(train_set, "collate", trim_padding), multiple=multiple) if trim_batches else None
-    if trim_batches and getattr(args, "pack_chats", False) and not hasattr(train_set, "collate"):
-        collate = functools.partial(pack_chats, max_length=train_set.max_length)
-    num_workers = args.num_workers if args.num_workers >= 0 else (4 if ctx.device_type == "cuda" else 0)
-    # DistributedSampler's order, held in 8 bytes an index instead of a Python list (dataset.ShardSampler)
-    shard_size = len(train_set) // ctx.world_size
-
-    def epoch_loader(epoch: int, start_batch: int = 0) -> DataLoader:
-        sampler = ShardSampler(len(train_set), ctx.world_size, ctx.rank, args.seed, epoch, start_batch * args.batch_size)
-        return DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
-                          collate_fn=collate, num_workers=num_workers,
-                          pin_memory=ctx.device_type == "cuda")
-    return math.ceil(shard_size / args.batch_size), epoch_loader
-
-
-class StopRequest:
-    """SIGTERM/SIGINT (a preempted job, Ctrl-C) ask the loop to checkpoint and exit cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        if self.requested:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"received {signal.Signals(signum).name}: saving a checkpoint after this step", file=sys.stderr, flush=True)
-
-
 def train_epoch(epoch, train_loader, model, optimizer, scaler, run: "Run", args, start_batch=0) -> bool:
-    """One epoch of the chapter's loop (5.5.1): learning-rate schedule, forward under autocast,
-    backward, and every accumulation_steps micro-batches a clipped optimizer step. What happens
-    around a step (logging, validation, checkpoints, the NaN guard, signals) is `run`'s.
-    Returns False when training is over (max steps reached, or a stop signal)."""
+    """章节训练循环（5.5.1）的一个 epoch：设定学习率，在 autocast 下前向，反向传播，每累积
+    accumulation_steps 个微批做一次梯度裁剪后的优化器步。一步前后的事（日志、验证、检查点、
+    NaN 防护、停止信号）归 `run` 管。训练结束时（达到最大步数，或收到停止信号）返回 False。"""
+    # start_batch：断点续训时从这个 epoch 里上次停下的那一批接着数
     for step_in_epoch, (X, Y, loss_mask) in enumerate(train_loader, start=start_batch):
+        # 本批所在累积窗口的微批数，以及它是不是窗口里的最后一个（是才更新参数）
         window, last_micro = run.accumulation_window(step_in_epoch)
-        lr = get_lr(run.step, run.total_steps, args)
+        lr = get_lr(run.step, run.total_steps, args)  # 学习率按优化器步（不是微批）调度
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
-        X = X.to(run.ctx.device, non_blocking=True)  # input tokens
-        Y = Y.to(run.ctx.device, non_blocking=True)  # next tokens; -100 where not trained (padding, prompts)
-        # the chapter multiplies the loss by loss_mask; here the -100 labels already make it the mean over
-        # trained tokens. Under DDP, gradients are all-reduced only on the window's last backward.
+        X = X.to(run.ctx.device, non_blocking=True)  # 输入 token
+        Y = Y.to(run.ctx.device, non_blocking=True)  # 下一个 token；不训练的位置（填充、提示词）为 -100
+        # 章节把损失乘以 loss_mask；这里 -100 标签已经让它成为所有训练 token 上的平均。
+        # 在 DDP 下，只在窗口的最后一次反向传播时对梯度做 all-reduce。
         with run.no_sync_unless(last_micro):
-            with autocast(run.ctx.device_type, run.dtype):
-                loss = run.loss(model, X, Y) / window  # model(X, Y).loss (DPO: its own loss); accumulation
-            scaler.scale(loss).backward()
-        run.count(loss, loss_mask)
+            with autocast(run.ctx.device_type, run.dtype):  # 混合精度：前向用 bf16/fp16 算，更快、更省显存
+                loss = run.loss(model, X, Y) / window  # 即 model(X, Y).loss（DPO：它自己的损失）；除以 window：梯度累积
+            scaler.scale(loss).backward()  # 反向传播；float16 时先放大损失，免得小梯度下溢成 0
+        run.count(loss, loss_mask)  # 记下损失和训练的 token 数，供日志使用
         if not last_micro:
-            continue
-        scaler.unscale_(optimizer)
+            continue  # 窗口未满：只累积梯度，不更新参数
+        scaler.unscale_(optimizer)  # 先把梯度还原到真实大小，梯度裁剪的阈值才有意义
+        # 梯度裁剪：总范数超过 grad_clip 时按比例缩小，防止梯度爆炸；返回裁剪前的范数
         grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), args.grad_clip)
-        if run.update_is_finite(grad_norm):  # a NaN/inf step is skipped, not applied
+        if run.update_is_finite(grad_norm):  # 出现 NaN/inf 的一步被跳过，不应用到参数上
             scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if not run.after_step(lr, grad_norm, epoch, step_in_epoch):
+        scaler.update()  # 调整下一步的损失缩放系数（只对 float16 起作用）
+        optimizer.zero_grad(set_to_none=True)  # 清空梯度，开始下一个累积窗口
+        if not run.after_step(lr, grad_norm, epoch, step_in_epoch):  # 到时就写日志、验证、存检查点
             return False
     return True
 
 
-def due(step: int, interval: int) -> bool:
-    """Every `interval` steps; never when interval is 0."""
-    return interval > 0 and step % interval == 0
-
-
-class Run:
-    """Everything around the chapter's loop: step count, logs, validation, checkpoints, the
-    non-finite guard and stop signals. train() sets it up; train_epoch() calls it."""
-
-    def __init__(self, args, ctx: Dist, raw_model, model, eval_model, optimizer, scaler, dtype, val_set,
-                 batches_per_epoch, total_steps, step, last_checkpoint, tokenizer_sha256, run_id, objective=lm_loss):
-        self.args, self.ctx, self.raw_model, self.model, self.eval_model = args, ctx, raw_model, model, eval_model
-        self.optimizer, self.scaler, self.dtype, self.val_set = optimizer, scaler, dtype, val_set
-        self.batches_per_epoch, self.total_steps, self.step = batches_per_epoch, total_steps, step
-        self.last_checkpoint, self.tokenizer_sha256 = last_checkpoint, tokenizer_sha256
-        self.logger = Logger(args, ctx, resume_step=step, run_id=run_id)
-        self.stop = StopRequest()
-        self.loss_accum = torch.zeros((), device=ctx.device)  # summed on the device: no sync per micro-step
-        self.window_loss = torch.zeros((), device=ctx.device)
-        self.tokens_seen = 0  # loss_mask lives on the host: counting it costs no sync
-        self.steps_since_log, self.t_log, self.t_start, self.start_step = 0, time.time(), time.time(), step
-        self.nonfinite_in_a_row, self.stopped_by_signal = 0, False
-        self.objective, self.stats = objective, {}  # the loss, and what it counts between two logs
-
-    def loss(self, model, X, Y):
-        return self.objective(model, X, Y, self.stats)
-
-    # ---- inside an accumulation window
-
-    def accumulation_window(self, batch: int):
-        """(micro-batches in this batch's window, whether it is the window's last). The last window
-        of an epoch may be shorter: its loss is scaled by its real size instead of being dropped."""
-        window_start = batch - batch % self.args.accumulation_steps
-        window = min(self.args.accumulation_steps, self.batches_per_epoch - window_start)
-        return window, batch == window_start + window - 1
-
-    def no_sync_unless(self, last_micro: bool):
-        return self.model.no_sync() if self.ctx.ddp and not last_micro else nullcontext()
-
-    def count(self, loss, loss_mask):
-        self.window_loss += loss.detach()
-        self.tokens_seen += int(loss_mask.sum())
-
-    # ---- after the backward of a window
-
-    def update_is_finite(self, grad_norm) -> bool:
-        """Advance the step; False (skip the update) if the loss or gradient is NaN/inf, and stop
-        the run after max_nonfinite_steps of those in a row."""
-        self.step += 1
-        self.steps_since_log += 1
-        self.loss_accum += self.window_loss
-        window_loss, self.window_loss = self.window_loss.clone(), self.window_loss.zero_()
-        # gradients are all-reduced, so every rank sees the same norm and takes the same branch
-        if math.isfinite(grad_norm.item()):
-            self.nonfinite_in_a_row = 0
-            return True
-        overflow_only = False
-        if self.scaler.is_enabled():  # float16: the scaler finding its scale is routine; a non-finite loss is not
-            overflow_only = not self.ctx.any(not math.isfinite(window_loss.item()))
-        self.nonfinite_in_a_row += 0 if overflow_only else 1
-        self.ctx.print(f"step {self.step}: non-finite loss or gradient, update skipped "
-                       f"({self.nonfinite_in_a_row} in a row)")
-        self.logger.log({"skipped": "non-finite loss or gradient"}, self.step)
-        if self.nonfinite_in_a_row >= self.args.max_nonfinite_steps:
-            self.close()
-            raise TrainingError(f"step {self.step}: {self.nonfinite_in_a_row} non-finite steps in a row; stopping. "
-                                f"Last good checkpoint: {self.last_checkpoint or 'none'} (lower --learning_rate "
-                                "and --resume it)")
-        return False
-
-    def after_step(self, lr, grad_norm, epoch, batch) -> bool:
-        """Log, validate and checkpoint when due; False when training is over."""
-        args, step = self.args, self.step
-        if step % args.log_interval == 0 or step == self.total_steps:
-            self.log_train(lr, grad_norm, epoch)
-        if self.val_set is not None and (due(step, args.eval_interval) or step == self.total_steps):
-            self.log_validation()
-        self.stopped_by_signal = self.ctx.any(self.stop.requested)
-        # the position saved is the next batch of this epoch (or the next epoch's first)
-        position = (epoch, batch + 1) if batch + 1 < self.batches_per_epoch else (epoch + 1, 0)
-        if self.stopped_by_signal or (due(step, args.save_interval) and step < self.total_steps):
-            self.last_checkpoint = self.save_checkpoint(*position) or self.last_checkpoint
-        return step < self.total_steps and not self.stopped_by_signal
-
-    def log_train(self, lr, grad_norm, epoch):
-        ctx, step = self.ctx, self.step
-        loss_sum, tokens = ctx.all_reduce_sum([self.loss_accum.item(), self.tokens_seen])
-        train_loss = loss_sum / ctx.world_size / self.steps_since_log
-        tokens_per_s = tokens / (time.time() - self.t_log)
-        eta = (time.time() - self.t_start) / (step - self.start_step) * (self.total_steps - step)
-        memory = {"peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30} if ctx.device_type == "cuda" else {}
-        extra = mean_stats(self.stats, ctx)  # what the objective counts besides the loss (DPO: margins, ...)
-        extra.pop("loss", None)
-        self.stats = {}
-        ctx.print(f"epoch {epoch + 1} | step {step}/{self.total_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
-                  f"grad norm {grad_norm.item():.3f} | {tokens_per_s:,.0f} tok/s | eta {format_eta(eta)}"
-                  + (f" | peak {memory['peak_memory_gib']:.1f} GiB" if memory else "")
-                  + "".join(f" | {k} {v:.4f}" for k, v in extra.items()))
-        self.logger.log({"loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s,
-                         "time": time.time() - self.t_start, **memory, **extra}, step)
-        self.loss_accum.zero_()
-        self.tokens_seen, self.steps_since_log, self.t_log = 0, 0, time.time()
-
-    def log_validation(self):
-        val = evaluate(self.eval_model, self.val_set, self.args, self.ctx, self.dtype, self.objective)
-        self.ctx.print(f"step {self.step} | " + " | ".join(f"val {k} {v:.4f}" for k, v in val.items()))
-        self.logger.log({f"val_{k}": v for k, v in val.items()} | {"time": time.time() - self.t_start}, self.step)
-
-    def log_start(self, first_batch):
-        """Step 0, before any update: the loss curves then show where training starts."""
-        X, Y, _ = first_batch
-        self.eval_model.eval()
-        with torch.no_grad(), autocast(self.ctx.device_type, self.dtype):
-            loss = self.objective(self.eval_model, X.to(self.ctx.device), Y.to(self.ctx.device), {}).item()
-        self.eval_model.train()
-        loss = self.ctx.all_reduce_sum([loss])[0] / self.ctx.world_size
-        self.ctx.print(f"step 0 | loss {loss:.4f} (before training)")
-        self.logger.log({"loss": loss, "lr": 0.0, "time": 0.0}, 0)
-        if self.val_set is not None:
-            self.log_validation()
-
-    def save_checkpoint(self, epoch, batch_in_epoch):
-        from checkpoint import checkpoint_path, rng_state, save_checkpoint
-        ctx = self.ctx
-        rng = ctx.gather(rng_state())
-        if not ctx.is_master:
-            return None
-        path = checkpoint_path(self.args.out_dir, self.step)
-        t0 = time.time()
-        save_checkpoint(path, {
-            "model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(), "step": self.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-            "rng": rng, "config": self.raw_model.config.to_dict(), "tokenizer_sha256": self.tokenizer_sha256,
-            "run_id": self.logger.run_id, "lineage": self.lineage, "world_size": ctx.world_size, "args": vars(self.args)},
-            self.args.keep_checkpoints)
-        ctx.print(f"checkpoint {path} ({os.path.getsize(path) / 2**20:.1f} MiB, {time.time() - t0:.1f}s)")
-        return path
-
-    def close(self):
-        self.logger.close()
-        self.stop.restore()
-
-
 def train(args, model, train_set, val_set, ctx: Dist, trim_batches=False, objective=lm_loss):
-    """Set up and run the loop shared by pretraining and SFT: device and dtype, resume, compile,
-    DDP, AdamW, the data loader; then train_epoch until the last step, and the final save_pretrained."""
+    """搭好预训练与 SFT 共用的训练流程并运行：设备与 dtype、断点续训、编译、DDP、AdamW、数据加载器；
+    然后反复调用 train_epoch 直到最后一步，最后用 save_pretrained 保存模型。"""
     from checkpoint import load_weights, set_rng_state
     from k_model import count_parameters
-    dtype = resolve_dtype(args.dtype, ctx.device_type)
-    if ctx.device_type == "cuda":
+    dtype = resolve_dtype(args.dtype, ctx.device_type)  # 混合精度用的 dtype（auto 的规则见 DEFAULTS）
+    if ctx.device_type == "cuda":  # 允许 TF32：float32 的矩阵乘走 Tensor Core，更快
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    raw_model = model.to(ctx.device)
+    raw_model = model.to(ctx.device)  # 未编译、未经 DDP 包装的模型：保存和梯度裁剪都用它
     n_params = count_parameters(raw_model)
-    # weights + AdamW's two moments, in fp32, for each kept checkpoint and the one being written
+    # 先查输出目录的磁盘空间：权重 + AdamW 的两个矩估计，都是 fp32，每个保留的检查点和正在写的那个各一份
     check_out_dir(args.out_dir, n_params * 4 * 3 * (args.keep_checkpoints + 1), ctx)
-    tokenizer_sha256 = tokenizer_fingerprint(args.tokenizer_path)
-    tokenizer_files = read_tokenizer_files(args.tokenizer_path)  # what the final model is saved with
-    last_checkpoint, state = resume_state(args, ctx)
+    tokenizer_sha256 = tokenizer_fingerprint(args.tokenizer_path)  # 分词器指纹：续训时核对是不是同一个分词器
+    tokenizer_files = read_tokenizer_files(args.tokenizer_path)  # 最终模型连同这些分词器文件一起保存
+    last_checkpoint, state = resume_state(args, ctx)  # 断点续训：要续训的检查点及其内容（从头训练时 state 为 None）
     if state is not None:
-        check_compatible(state, raw_model, tokenizer_sha256, ctx, last_checkpoint)
+        check_compatible(state, raw_model, tokenizer_sha256, ctx, last_checkpoint)  # 模型结构和分词器须与检查点一致
         load_weights(raw_model, state["model"], last_checkpoint)
     use_compile = args.compile if args.compile is not None else compile_by_default(ctx.device)
-    trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+    trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)  # 可训练参数（LoRA 时只有适配器）
+    # 打印一行训练计划摘要（显存、token 数、步数等）
     ctx.print(summary_line(plan_from_args(args, raw_model.config, trainable_params=trainable, world_size=ctx.world_size,
                                           dtype=dtype, compiled=use_compile, samples=len(train_set))))
-    eval_model = torch.compile(raw_model) if use_compile else raw_model
+    eval_model = torch.compile(raw_model) if use_compile else raw_model  # 验证用：可能编译过，但不经 DDP 包装
     model = eval_model
     if ctx.ddp:
-        # broadcast_buffers=False: the RoPE tables and masks are constants, not worth a broadcast per step
-        # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, not in a second copy
+        # 分布式数据并行：每个进程持有完整模型，反向传播时自动把各进程的梯度平均
+        # broadcast_buffers=False：RoPE 表和掩码都是常量，不值得每步广播一次
+        # gradient_as_bucket_view：梯度就存放在 DDP 的 all-reduce 桶里，不另存一份
         model = DistributedDataParallel(eval_model, device_ids=[torch.cuda.current_device()] if ctx.device_type == "cuda" else None,
                                         broadcast_buffers=False, gradient_as_bucket_view=True)
-    optimizer = make_optimizer(raw_model, args, ctx.device_type)
-    # loss scaling is needed for float16 only; bfloat16 has float32's range
+    optimizer = make_optimizer(raw_model, args, ctx.device_type)  # AdamW（见 harness.make_optimizer）
+    # 只有 float16 需要损失缩放；bfloat16 的数值范围与 float32 相同
     scaler = torch.amp.GradScaler(ctx.device_type, enabled=dtype == torch.float16)
 
+    # 本进程每个 epoch 的批数，以及按 (epoch, 起始批) 造出本进程 DataLoader 的函数
     batches_per_epoch, epoch_loader = make_loader(train_set, args, ctx, trim_batches)
     if batches_per_epoch == 0:
         raise TrainingError(f"{args.data_path}: {len(train_set)} samples are too few for {ctx.world_size} process(es)")
+    # accumulation_steps 个微批算一个优化器步；epoch 末尾不满的窗口也算一步
     steps_per_epoch = math.ceil(batches_per_epoch / args.accumulation_steps)
+    # 总步数：max_steps > 0 时用它，否则 epochs x 每轮步数；它也是余弦退火的终点
     total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
     ctx.print(f"{n_params / 1e6:.2f}M parameters | {len(train_set)} samples, {ctx.world_size} process(es), "
               f"{steps_per_epoch} steps/epoch, {total_steps} steps | device {ctx.device}, {dtype}"
               + (", compiled" if use_compile else ""))
 
     from checkpoint import new_lineage
+    # 从头训练的起点；lineage 标记这一次训练的检查点系列
     step, epoch, start_batch, run_id, lineage = 0, 0, 0, None, new_lineage()
-    if state is not None:
+    if state is not None:  # 断点续训：恢复优化器、损失缩放器、随机数状态和数据读到的位置
         optimizer.load_state_dict(state["optimizer"])
-        if scaler.is_enabled() and state["scaler"]:  # a bf16/fp32 run saved an empty scaler state
+        if scaler.is_enabled() and state["scaler"]:  # bf16/fp32 的运行保存的是空的 scaler 状态
             scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"][ctx.rank])
+        set_rng_state(state["rng"][ctx.rank])  # 每个进程恢复它自己的随机数状态
         step, epoch, start_batch, run_id = state["step"], state["epoch"], state["batch_in_epoch"], state["run_id"]
-        lineage = state.get("lineage") or lineage  # pruning deletes only this lineage's checkpoints
+        lineage = state.get("lineage") or lineage  # 清理旧检查点时只删这个 lineage 的检查点
         ctx.print(f"resumed from {last_checkpoint}: step {step}, epoch {epoch + 1}, batch {start_batch}")
-        del state
+        del state  # 释放检查点占的内存
 
+    # Run（harness.py）管一步前后的事：日志、验证、检查点、NaN 防护、停止信号
     run = Run(args, ctx, raw_model, model, eval_model, optimizer, scaler, dtype, val_set, batches_per_epoch,
               total_steps, step, last_checkpoint, tokenizer_sha256, run_id, objective)
-    run.lineage = ctx.broadcast(lineage)
-    if step == 0:
+    run.lineage = ctx.broadcast(lineage)  # 以 rank 0 的为准，各进程一致
+    if step == 0:  # 训练前先记下第 0 步的损失，损失曲线从起点画起
         run.log_start(next(iter(epoch_loader(0))))
     try:
-        while run.step < total_steps:
+        while run.step < total_steps:  # 一个 epoch 接一个 epoch，直到总步数
             if not train_epoch(epoch, epoch_loader(epoch, start_batch), model, optimizer, scaler, run, args, start_batch):
                 break
-            epoch, start_batch = epoch + 1, 0
-    finally:  # a run failing (a peer died) must die on the launcher's SIGTERM, not wait to checkpoint
+            epoch, start_batch = epoch + 1, 0  # 下一个 epoch 从第一批开始
+    finally:  # 运行失败时（某个对等进程挂了），必须随启动器的 SIGTERM 退出，而不是等着写检查点
         run.stop.restore()
     step = run.step
-    if use_compile:  # more than a few graphs, or any break, means the compiled model is slower than it should be
+    if use_compile:  # 计算图多于几个，或有任何图中断（graph break），说明编译后的模型比应有的慢
         from torch._dynamo.utils import counters
         graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
         ctx.print(f"torch.compile: {graphs} graphs, {breaks} graph breaks")
         run.logger.log({"compiled_graphs": graphs, "graph_breaks": breaks}, step)
-    if run.stopped_by_signal:
+    if run.stopped_by_signal:  # 被信号停下：检查点已写好，可用 --resume auto 接着训练
         ctx.print(f"stopped at step {step}; continue with --resume auto")
-    elif ctx.is_master:
-        if tokenizer_fingerprint(args.tokenizer_path) != tokenizer_sha256:
+    elif ctx.is_master:  # 正常结束：只由 rank 0 保存最终模型
+        if tokenizer_fingerprint(args.tokenizer_path) != tokenizer_sha256:  # 训练期间分词器目录被改过
             ctx.print(f"note: {args.tokenizer_path} changed while training; {args.out_dir} gets the tokenizer "
                       "the run started with")
-        save_model(raw_model, args, tokenizer_files)
+        save_model(raw_model, args, tokenizer_files)  # save_pretrained 目录，连同开始时读到的分词器文件
         ctx.print(f"saved {args.out_dir} after {step} steps in {format_eta(time.time() - run.t_start)}")
     run.logger.close()
     if ctx.is_master:
         from report import plot_losses
-        plot_losses(args.out_dir)
+        plot_losses(args.out_dir)  # 画损失曲线 loss_curve.png
     return raw_model
 
 
-def check_out_dir(out_dir, need_bytes, ctx: Dist):
-    """Rank 0 writes the checkpoints: it checks out_dir now, and every rank stops if it fails."""
-    from checkpoint import check_writable
-    error = None
-    if ctx.is_master:
-        try:
-            check_writable(out_dir, need_bytes)
-        except OSError as e:
-            error = str(e)
-    if ctx.any(error is not None):
-        raise OSError(error or f"{out_dir}: rank 0 cannot write checkpoints")
-
-
-def resume_state(args, ctx: Dist):
-    """(path, checkpoint) to resume from, or (None, None). Rank 0 chooses the file (--resume
-    auto looks in its --out_dir); every rank loads that file ("auto": the same file name in its
-    own --out_dir). If any rank cannot read it, every rank stops with one message, at once,
-    instead of rank 0 waiting for the others until the collective timeout."""
-    from checkpoint import CHECKPOINT_DIR, CheckpointError, find_checkpoint, load_checkpoint
-    if not args.resume or args.resume == "none":
-        return None, None
-    path, state, error = None, None, None
-    if ctx.is_master:
-        try:
-            path, state = find_checkpoint(args.resume, args.out_dir)
-        except CheckpointError as e:
-            error = str(e)
-    path, error = ctx.broadcast((path, error))
-    if error:
-        raise CheckpointError(error)
-    if path is None:
-        ctx.print(f"no checkpoint in {args.out_dir}: starting from scratch")
-        return None, None
-    if not ctx.is_master:
-        if args.resume == "auto":
-            path = os.path.join(args.out_dir, CHECKPOINT_DIR, os.path.basename(path))
-        try:
-            state = load_checkpoint(path)
-        except CheckpointError as e:
-            error = f"rank {ctx.rank} on {socket.gethostname()}: {e}"
-    errors = [e for e in ctx.gather(error) if e]
-    if errors:
-        raise CheckpointError(f"{len(errors)} of {ctx.world_size} processes cannot read the checkpoint that rank 0 "
-                              f"resumes from ({errors[0]}); only rank 0 writes checkpoints, so put --out_dir on "
-                              f"storage every node shares, or copy {os.path.basename(path)} into "
-                              f"OUT_DIR/{CHECKPOINT_DIR}/ on every node")
-    return path, state
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss keeps turning NaN)."""
-
-
-def check_compatible(state, model, tokenizer_sha256, ctx: Dist, path):
-    """Refuse a checkpoint of another architecture, tokenizer or world size."""
-    from checkpoint import CheckpointError
-    from k_model import ARCH_FIELDS
-    diff = [f"{k}: checkpoint {state['config'].get(k)} vs now {getattr(model.config, k)}" for k in ARCH_FIELDS
-            if state["config"].get(k) != getattr(model.config, k)]
-    if diff:
-        raise CheckpointError(f"{path}: written for another model ({', '.join(diff)})")
-    if state["tokenizer_sha256"] != tokenizer_sha256:
-        raise CheckpointError(f"{path}: written with another tokenizer than the one in --tokenizer_path")
-    if state["world_size"] != ctx.world_size:
-        raise CheckpointError(f"{path}: written by {state['world_size']} processes, resumed with {ctx.world_size}; "
-                              "the data position is only exact with the same number")
-
-
-def model_config(args, tokenizer):
-    """The model the flags and preset ask for, sized to the tokenizer."""
-    from k_model import ModelConfig
-    if tokenizer is None:  # a dry run without a tokenizer yet
-        return ModelConfig(**{k: getattr(args, k) for k in MODEL_FIELDS})
-    return ModelConfig(**{k: getattr(args, k) for k in MODEL_FIELDS}, vocab_size=len(tokenizer),
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id)
-
-
-def pretrain_dataset(path, tokenizer, args):
-    """A .bin token file (pretokenize.py) trains packed; a .jsonl trains as the chapter does, padded."""
-    from dataset import PackedDataset, PretrainDataset
-    if path.endswith(".bin"):
-        return PackedDataset(path, max_length=args.max_seq_len, tokenizer_path=args.tokenizer_path)
-    return PretrainDataset(path, tokenizer, max_length=args.max_seq_len)
-
-
-def check_paths(args):
-    """Fail fast, with the path in the message, before any process group or model exists."""
-    for name in ("data_path", "val_data_path"):
-        path = getattr(args, name)
-        if path and not os.path.isfile(path) and not args.dry_run:
-            raise FileNotFoundError(f"{path}: file not found (--{name})")
-
-
-def load_tokenizer_or_none(args):
-    """A dry run may come before the tokenizer: then the model is planned with the chapter's 6144."""
-    try:
-        return load_tokenizer(args.tokenizer_path)
-    except FileNotFoundError:
-        print(f"note: no tokenizer in {args.tokenizer_path}: planning with vocab_size 6144", file=sys.stderr)
-        return None
-
-
-def dry_run(args, config, tokenizer, trainable_params=None):
-    """--dry_run: print the plan (memory per GPU, fit, tokens, steps, time) and train nothing."""
-    print_plan(plan_from_args(args, config, tokenizer, trainable_params), args.json)
-
-
 def main(argv=None):
-    args = parse_args(argv)
+    """预训练入口：解析参数，加载分词器，构建数据集（PretrainDataset 或打包的 PackedDataset）和模型，然后训练。"""
+    args = parse_args(argv, build_parser(__doc__, DEFAULTS, PRESETS), DEFAULTS, PRESETS)  # DEFAULTS < 预设 < 命令行
     try:
-        check_paths(args)
+        check_paths(args)  # 在建进程组和模型之前，先确认数据文件存在
+        # --dry_run 只估算规模，没有分词器也行
         tokenizer = load_tokenizer_or_none(args) if args.dry_run else load_tokenizer(args.tokenizer_path)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     try:
-        config = model_config(args, tokenizer)
-    except ValueError as e:  # sizes that do not fit together, e.g. --dim 100 with 8 heads
+        config = model_config(args, tokenizer)  # ModelConfig（5.4.1）：尺寸来自预设和参数，词表大小来自分词器
+    except ValueError as e:  # 彼此不相容的尺寸，例如 --dim 100 配 8 个头
         sys.exit(f"error: {e}")
     if args.dry_run:
-        return dry_run(args, config, tokenizer)
+        return dry_run(args, config, tokenizer)  # 只打印训练计划（显存、步数、时间），不训练
 
     from k_model import Transformer
-    ctx = Dist(args.device)
+    ctx = Dist(args.device)  # 进程信息：torchrun 启动时建立进程组（DDP），否则就是单进程
     set_seed(args.seed)
     try:
+        # .jsonl：PretrainDataset，像章节那样逐行分词、填充；.bin：PackedDataset，打包好的 token 窗口
         train_set = pretrain_dataset(args.data_path, tokenizer, args)
         val_set = pretrain_dataset(args.val_data_path, tokenizer, args) if args.val_data_path else None
     except (JsonlError, ValueError, FileNotFoundError) as e:
         ctx.close()
         sys.exit(f"error: {e}")
-    model = Transformer(config)
+    model = Transformer(config)  # 随机初始化的模型（5.4.7）
     run_training(args, model, train_set, val_set, ctx)
 
 
 def run_training(args, model, train_set, val_set, ctx: Dist, trim_batches=False, sample_mode="pretrain", objective=lm_loss):
-    """train(), with the errors a user can fix reported in one line (and a non-zero exit), then
-    the report if asked for (samples: "pretrain" continuations or "chat" answers)."""
+    """调用 train()：用户能自己改正的错误报成一行（并以非零状态退出）；要求时再写报告
+    （样例：sample_mode 为 "pretrain" 时是续写，为 "chat" 时是对话回答）。"""
     from checkpoint import CheckpointError
     try:
         train(args, model, train_set, val_set, ctx, trim_batches, objective)
     except (CheckpointError, TrainingError, OSError) as e:
         ctx.close()
-        # an error in a DataLoader worker arrives wrapped in the worker's traceback: its last line is the message
+        # DataLoader 工作进程里的错误是包在该进程的 traceback 里传来的：最后一行才是错误信息
         message = str(e).strip().splitlines()[-1].split(": ", 1)[-1] if "Original Traceback" in str(e) else str(e)
         sys.exit(f"error: {message}")
     ctx.close()
+    # --report：只由 rank 0 写，而且要有保存好的最终模型（config.json）
     if args.report and ctx.is_master and os.path.isfile(os.path.join(args.out_dir, "config.json")):
         from model_sample import CHAT_PROMPTS, PRETRAIN_STARTS, TextGenerator
         from report import write_report
-        generator = TextGenerator(args.out_dir, device=ctx.device)
+        generator = TextGenerator(args.out_dir, device=ctx.device)  # 用刚保存的模型生成几段样例
         if sample_mode == "chat":
             samples = [f"user: {p}\nassistant: {generator.chat(p, max_new_tokens=60)}" for p in CHAT_PROMPTS[:5]]
         else:

@@ -12,7 +12,8 @@ import os
 import sys
 
 import ddp_pretrain
-from ddp_pretrain import Dist, check_paths, parse_args, run_training, set_seed
+from ddp_pretrain import run_training
+from harness import MODEL_FIELDS, Dist, build_parser, check_paths, dry_run, load_tokenizer_or_none, model_config, parse_args, set_seed
 from jsonl import JsonlError
 from train_tokenizer import load_tokenizer
 
@@ -42,7 +43,7 @@ PRESETS = {
     "chapter": dict(ddp_pretrain.PRESETS["chapter"]),
     # 从预训练 demo 预设里只取模型结构字段（MODEL_FIELDS），训练超参数另设：
     # 小模型用大学习率，对话打包成行，每 100 步在整个验证集上（eval_iters=-1）算一次验证损失
-    "demo": dict({k: ddp_pretrain.PRESETS["demo"][k] for k in ddp_pretrain.MODEL_FIELDS if k in ddp_pretrain.PRESETS["demo"]},
+    "demo": dict({k: ddp_pretrain.PRESETS["demo"][k] for k in MODEL_FIELDS if k in ddp_pretrain.PRESETS["demo"]},
                  dtype="auto", pack_chats=True, batch_size=16, accumulation_steps=1, learning_rate=2e-3, warmup_iters=20, epochs=3,
                  max_steps=-1, log_interval=25, save_interval=1000, eval_interval=100, eval_iters=-1),
 }
@@ -109,15 +110,15 @@ def plan(args, tokenizer):
     from k_model import ModelConfig
     have_pretrained = os.path.isfile(os.path.join(args.pretrained_path, "config.json"))
     config = ModelConfig.from_pretrained(args.pretrained_path) if have_pretrained \
-        else ddp_pretrain.model_config(args, tokenizer)
+        else model_config(args, tokenizer)
     trainable = lora_parameter_count(config, args) if args.lora_rank > 0 else None
-    return ddp_pretrain.dry_run(args, config, tokenizer, trainable)
+    return dry_run(args, config, tokenizer, trainable)
 
 
 def main(argv=None):
     """SFT 入口：加载预训练权重和分词器，读入对话数据，再交给与预训练相同的训练循环。"""
     # 沿用预训练脚本的参数定义，只是默认值换成 SFT 的 DEFAULTS 和 PRESETS
-    parser = ddp_pretrain.build_parser(__doc__, DEFAULTS, PRESETS)
+    parser = build_parser(__doc__, DEFAULTS, PRESETS)
     add_arguments(parser)
     parser.add_argument("--pack_chats", action=argparse.BooleanOptionalAction,
                         help=f"pack each batch's chats into as few rows as fit (dataset.pack_chats) instead of "
@@ -126,7 +127,7 @@ def main(argv=None):
     try:
         check_paths(args)
         # --dry_run 只估算规模，没有分词器也行
-        tokenizer = ddp_pretrain.load_tokenizer_or_none(args) if args.dry_run else load_tokenizer(args.tokenizer_path)
+        tokenizer = load_tokenizer_or_none(args) if args.dry_run else load_tokenizer(args.tokenizer_path)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 

@@ -195,7 +195,8 @@ def main(argv=None):
         row(f"generate, batch {batch}, {model.dtype}".replace("torch.", ""), f"{eager:,.0f} tok/s eager",
             f"{compiled:,.0f} tok/s compiled decode step ({compiled / eager:.2f}x)")
 
-    from export_model import export, load_tiny_k
+    from export_model import export
+    from model_io import load_tiny_k
     from transformers import AutoModelForCausalLM
     hf_dir = os.path.join(work, "hf")
     export(sft_out, sft_out, hf_dir)

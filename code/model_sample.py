@@ -15,17 +15,16 @@ import sys
 import torch
 
 from cli import HelpFormatter
-from export_model import load_tiny_k
 from k_model import cast_for_inference, check_sampling
+# 采样的默认值（温度 0.7、top-k 50、top-p 0.9、重复惩罚 1.1）定义在 model_io.py：serve.py 和导出给 ollama 的
+# Modelfile 也用它们；要改全部的默认值就改那里，只改这一次运行就用命令行参数
+from model_io import REPETITION_PENALTY, TEMPERATURE, TOP_K, TOP_P, load_tiny_k
 
 # ---- 采样超参数：在这里改默认值；命令行参数（--temperature 等）会覆盖它们 ----
 # 它们同时也是 TextGenerator 各方法的默认参数。本脚本没有预设（preset）。
+# 温度、top-k、top-p、重复惩罚四个默认值见上面从 model_io 导入的那一行。
 CHECKPOINT = "output/sft"   # 默认加载的模型目录：ddp_sft.py 的输出（有监督微调后的模型）
 MAX_NEW_TOKENS = 256        # 每个回答最多新生成的 token 数（提示加回答还不能超过 max_seq_len）
-TEMPERATURE = 0.7           # 温度：logits 除以它，< 1 让分布更尖、回答更稳；0 即贪心解码
-TOP_K = 50                  # top-k：只在概率最高的 k 个 token 中采样；0 关闭
-TOP_P = 0.9                 # top-p（核采样）：只保留累计概率刚达到 p 的最可能的几个 token；1.0 关闭
-REPETITION_PENALTY = 1.1    # 重复惩罚：已出现过的 token 的 logits 被削弱，减少原地打转；1.0 关闭
 SEED = 42                   # 采样随机种子：同样的种子和提示，得到同样的回答
 # 演示数据预训练的是写成“体裁《题目》”再接正文的诗：一个标题头就是一首诗的开头。
 # 预训练模型只会续写，所以 --mode pretrain 用这些开头让它往下写

@@ -91,46 +91,46 @@ def test_cast_for_inference_keeps_rope_tables_in_float32(tiny_config):
 
 
 def test_cpu_auto_dtype_follows_the_kernels_aten_runs_not_only_the_chip(monkeypatch):
-    import ddp_pretrain
+    import harness
     # a chip with AVX512-BF16, run as ATEN_CPU_CAPABILITY=avx2 (or a CPU without AVX-512) runs:
     # bf16 would be emulated, ~20x slower than fp32
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert ddp_pretrain.resolve_dtype("auto", "cpu") == torch.float32
+    assert harness.resolve_dtype("auto", "cpu") == torch.float32
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    assert ddp_pretrain.resolve_dtype("auto", "cpu") == torch.bfloat16
+    assert harness.resolve_dtype("auto", "cpu") == torch.bfloat16
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert ddp_pretrain.resolve_dtype("auto", "cpu") == torch.float32
+    assert harness.resolve_dtype("auto", "cpu") == torch.float32
 
 
 def test_emulated_bf16_falls_back_to_fp16_and_old_cards_are_not_compiled(monkeypatch):
-    import ddp_pretrain
+    import harness
     # a V100/T4: bf16 "supported" only through emulation
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
-    assert ddp_pretrain.resolve_dtype("auto", "cuda") == torch.float16
+    assert harness.resolve_dtype("auto", "cuda") == torch.float16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
-    assert ddp_pretrain.resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert harness.resolve_dtype("auto", "cuda") == torch.bfloat16
     for capability, compiled in (((6, 1), False), ((7, 0), True), ((9, 0), True)):  # P40, V100, H100
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
-        assert ddp_pretrain.compile_by_default("cuda:0") is compiled
-    assert ddp_pretrain.compile_by_default("cpu") is False
+        assert harness.compile_by_default("cuda:0") is compiled
+    assert harness.compile_by_default("cpu") is False
 
 
 def test_each_process_seeing_one_gpu_uses_device_0(monkeypatch):
     """Slurm --gpus-per-task=1: LOCAL_RANK 3, but the process sees a single GPU."""
-    import ddp_pretrain
+    import harness
     chosen = []
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
-    monkeypatch.setattr(ddp_pretrain.dist, "init_process_group", lambda **kwargs: chosen.append(kwargs))
+    monkeypatch.setattr(harness.dist, "init_process_group", lambda **kwargs: chosen.append(kwargs))
     launcher_store = torch.distributed.HashStore()
-    monkeypatch.setattr(ddp_pretrain.dist, "rendezvous", lambda *args, **kwargs: iter([(launcher_store, 3, 4)]))
+    monkeypatch.setattr(harness.dist, "rendezvous", lambda *args, **kwargs: iter([(launcher_store, 3, 4)]))
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
-    ctx = ddp_pretrain.Dist("cuda")
+    ctx = harness.Dist("cuda")
     assert ctx.device == "cuda:0" and chosen[0] == "cuda:0"
     assert chosen[1]["timeout"].total_seconds() >= 30 * 60  # a generous collective timeout
     # the third attempt (two restarts) keeps its keys apart from the attempts before it

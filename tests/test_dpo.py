@@ -73,7 +73,7 @@ def test_a_reference_identical_to_the_policy_gives_log_2_and_no_margin(tokenizer
     import copy
     from dataset import PreferenceDataset
     from ddp_dpo import DPOObjective
-    from ddp_pretrain import Dist, mean_stats
+    from harness import Dist, mean_stats
     dataset = PreferenceDataset(pairs_file, tokenizer, max_length=256)
     policy = tiny_model(tokenizer)
     objective = DPOObjective(copy.deepcopy(policy).eval(), beta=0.1)

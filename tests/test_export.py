@@ -27,7 +27,7 @@ def tiny_k_dir(tokenizer, tokenizer_dir, tmp_path):
 
 
 def test_rope_row_permutation_round_trips():
-    from export_model import halves_to_interleaved, interleaved_to_halves
+    from model_io import halves_to_interleaved, interleaved_to_halves
     w = torch.arange(8 * 3, dtype=torch.float32).view(8, 3)  # 2 heads of head_dim 4
     halves = interleaved_to_halves(w, 2)
     # head 0 rows (0, 1, 2, 3) = pairs (0,1), (2,3) -> evens first, then odds: 0, 2, 1, 3

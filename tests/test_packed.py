@@ -70,7 +70,7 @@ def test_packed_windows_cover_the_stream_once_and_split_across_ranks(token_file,
     assert all(bool(ds[i][2].all()) for i in range(len(ds)))  # no padding: every position trained
 
     # the trainer's sampler: each rank its own windows, the same ones for the same seed
-    from ddp_pretrain import make_loader
+    from harness import make_loader
     args = argparse.Namespace(num_workers=0, batch_size=1, seed=3)
     def shard(rank):
         _, epoch_loader = make_loader(ds, args, SimpleNamespace(rank=rank, world_size=2, device_type="cpu"), False)

@@ -237,10 +237,11 @@ def test_steps_and_hours():
 
 def test_flags_and_plan_from_trainer_args(tmp_path):
     import ddp_pretrain
-    parser = ddp_pretrain.build_parser()  # the trainers carry the plan flags
+    from harness import build_parser, parse_args
+    parser = build_parser("", ddp_pretrain.DEFAULTS, ddp_pretrain.PRESETS)  # the trainers carry the plan flags
     path = write_token_file(str(tmp_path / "train.bin"), 4096 * 513 + 1)
-    args = ddp_pretrain.parse_args(["--preset", "chapter", "--data_path", path, "--dry_run", "--json",
-                                    "--gpu", "a100-80gb", "--nproc_per_node", "4"], parser)
+    args = parse_args(["--preset", "chapter", "--data_path", path, "--dry_run", "--json",
+                      "--gpu", "a100-80gb", "--nproc_per_node", "4"], parser, ddp_pretrain.DEFAULTS, ddp_pretrain.PRESETS)
     assert args.dry_run and args.json and args.gpu == "A100-80GB" and args.nproc_per_node == 4
     with pytest.raises(SystemExit):
         parser.parse_args(["--gpu", "rtx9999"])
