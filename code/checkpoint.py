@@ -6,7 +6,8 @@ states of every rank, the model config, the tokenizer's sha256 and the tracking 
 is written to a temporary file, flushed to disk, renamed and read back, so a crash or a full disk
 mid-save leaves the previous checkpoint intact.
 
-Nothing a run cannot read is ever deleted or overwritten: each checkpoint carries its run's
+Nothing a run cannot read is ever deleted or overwritten (it is moved to checkpoints/unreadable/):
+each checkpoint carries its run's
 `lineage` (an id a fresh run draws and a resumed run inherits), and pruning to the newest
 `keep` removes only files of this lineage that still load. A checkpoint refused for its
 format (an older torch or an older Tiny-K) can be converted once, if you trust the file:
@@ -93,6 +94,7 @@ def save_checkpoint(path: str, state: dict, keep: int) -> None:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        set_aside_if_unreadable(path)
         os.replace(tmp, path)
         fd = os.open(directory, os.O_RDONLY)
         try:
@@ -104,6 +106,20 @@ def save_checkpoint(path: str, state: dict, keep: int) -> None:
         raise CheckpointWriteError(f"{path}: not saved ({with_space}); the earlier checkpoints are intact") from e
     load_checkpoint(path, mmap=True)  # a checkpoint that does not read back is an error now, not at resume time
     prune(out_dir, state.get("lineage"), keep)
+
+
+def set_aside_if_unreadable(path: str) -> None:
+    """A file of that name this run cannot read (another run's, an older format, a half-synced
+    copy) is moved to checkpoints/unreadable/, never overwritten."""
+    if not os.path.exists(path):
+        return
+    try:
+        load_checkpoint(path, mmap=True)
+    except CheckpointError:
+        aside = os.path.join(os.path.dirname(path), UNREADABLE_DIR)
+        os.makedirs(aside, exist_ok=True)
+        os.replace(path, os.path.join(aside, os.path.basename(path)))
+        print(f"warning: {path} does not load; moved to {aside}/ before writing a new one there", file=sys.stderr)
 
 
 def write_failure(tmp: str, error: Exception, directory: str) -> str:

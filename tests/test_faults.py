@@ -121,15 +121,17 @@ def test_pruning_spares_other_runs_and_unreadable_files(tokenizer_dir, data, tmp
     out = tmp_path / "out"
     run_main(pretrain_argv(tokenizer_dir, data, out, "--max_steps", "8", "--save_interval", "2"))
     assert checkpoints(out) == ["step_00000002.pt", "step_00000004.pt", "step_00000006.pt"]  # keep 3
-    # an earlier run's checkpoint, and one that does not load, in the same folder
+    # an earlier run's checkpoint, and two that do not load, in the same folder
     os.rename(out / "checkpoints" / "step_00000002.pt", out / "checkpoints" / "step_00000001.pt")
     broken = out / "checkpoints" / "step_00000003.pt"
     broken.write_bytes(b"not a checkpoint")
+    (out / "checkpoints" / "step_00000006.pt").write_bytes(b"half-synced")  # where the new run will save
     run_main(pretrain_argv(tokenizer_dir, data, out, "--max_steps", "14", "--save_interval", "2", "--resume", "none"))
     # the new run kept its own newest 3 (8, 10, 12) and pruned its own 2, 4, 6; the rest stays
     assert checkpoints(out) == ["step_00000001.pt", "step_00000003.pt", "step_00000008.pt",
                                 "step_00000010.pt", "step_00000012.pt"]
     assert broken.read_bytes() == b"not a checkpoint"
+    assert (out / "checkpoints" / "unreadable" / "step_00000006.pt").read_bytes() == b"half-synced"  # not overwritten
 
 
 def test_a_checkpoint_refused_for_its_format_names_the_conversion(tokenizer_dir, data, tmp_path):
