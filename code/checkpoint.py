@@ -116,10 +116,16 @@ def set_aside_if_unreadable(path: str) -> None:
     try:
         load_checkpoint(path, mmap=True)
     except CheckpointError:
-        aside = os.path.join(os.path.dirname(path), UNREADABLE_DIR)
-        os.makedirs(aside, exist_ok=True)
-        os.replace(path, os.path.join(aside, os.path.basename(path)))
+        aside = move_aside(path)
         print(f"warning: {path} does not load; moved to {aside}/ before writing a new one there", file=sys.stderr)
+
+
+def move_aside(path: str) -> str:
+    """Move a checkpoint that does not load into checkpoints/unreadable/ (kept byte for byte); that folder."""
+    aside = os.path.join(os.path.dirname(path), UNREADABLE_DIR)
+    os.makedirs(aside, exist_ok=True)
+    os.replace(path, os.path.join(aside, os.path.basename(path)))
+    return aside
 
 
 def write_failure(tmp: str, error: Exception, directory: str) -> str:
@@ -199,10 +205,7 @@ def find_checkpoint(resume: str, out_dir: str):
             failures.append((path, str(e)))
             continue
         if failures:
-            aside = os.path.join(out_dir, CHECKPOINT_DIR, UNREADABLE_DIR)
-            os.makedirs(aside, exist_ok=True)
-            for bad, _ in failures:
-                os.replace(bad, os.path.join(aside, os.path.basename(bad)))
+            aside = [move_aside(bad) for bad, _ in failures][0]
             print(f"warning: resuming from {path}, an older checkpoint, because the newer ones do not load:\n"
                   + "".join(f"  {why}\n" for _, why in failures)
                   + f"  they are kept, moved to {aside}/", file=sys.stderr)

@@ -125,7 +125,7 @@ def train_epoch(epoch, train_loader, model, optimizer, scaler, run: "Run", args,
 def train(args, model, train_set, val_set, ctx: Dist, trim_batches=False, objective=lm_loss):
     """搭好预训练与 SFT 共用的训练流程并运行：设备与 dtype、断点续训、编译、DDP、AdamW、数据加载器；
     然后反复调用 train_epoch 直到最后一步，最后用 save_pretrained 保存模型。"""
-    from checkpoint import load_weights, set_rng_state
+    from checkpoint import load_weights, new_lineage, set_rng_state
     from k_model import count_parameters
     dtype = resolve_dtype(args.dtype, ctx.device_type)  # 混合精度用的 dtype（auto 的规则见 DEFAULTS）
     if ctx.device_type == "cuda":  # 允许 TF32：float32 的矩阵乘走 Tensor Core，更快
@@ -170,7 +170,6 @@ def train(args, model, train_set, val_set, ctx: Dist, trim_batches=False, object
               f"{steps_per_epoch} steps/epoch, {total_steps} steps | device {ctx.device}, {dtype}"
               + (", compiled" if use_compile else ""))
 
-    from checkpoint import new_lineage
     # 从头训练的起点；lineage 标记这一次训练的检查点系列
     step, epoch, start_batch, run_id, lineage = 0, 0, 0, None, new_lineage()
     if state is not None:  # 断点续训：恢复优化器、损失缩放器、随机数状态和数据读到的位置
