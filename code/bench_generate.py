@@ -70,7 +70,7 @@ def main(argv=None):
         }
         with torch.inference_mode():  # warm up both models briefly
             ours.generate(prompt, max_new_tokens=2, temperature=0.0)
-            ours.generate(prompt, max_new_tokens=4, temperature=0.0, compile_decode=True)  # compiles, once per batch size
+            ours.generate(prompt, max_new_tokens=4, temperature=0.0, compile_decode=True)  # compiles once per bucket (k_model.DECODE_BUCKETS)
             hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=2, do_sample=False)
         seconds = {}
         for name, fn in runs.items():

@@ -53,7 +53,8 @@ def rng_state() -> dict:
     # numpy's state as a tensor and plain numbers: torch.load(weights_only=True) refuses numpy arrays
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            # this rank's GPU only: a resume may see fewer GPUs (CUDA_VISIBLE_DEVICES per rank, a smaller node)
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
@@ -61,8 +62,11 @@ def set_rng_state(state: dict) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if isinstance(cuda, (list, tuple)):  # checkpoints before the per-device state: every visible GPU's
+        cuda = cuda[torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.current_device() < len(cuda) else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)  # the current device's, which Dist has set to this rank's GPU
 
 
 def new_lineage() -> str:

@@ -3,7 +3,8 @@
 每个样本是长度为 max_length 的 (X, Y, loss_mask)：X 是输入 token，Y 是同一序列错开一位
 （要预测的下一个 token），loss_mask 在 Y 参与训练的位置为 1。loss_mask 为 0 的位置，Y 都是
 IGNORE_INDEX，于是模型算损失时跳过这些位置。构建数据集时只记下每行的字节偏移，取样本时再按需
-读取，所以比内存还大的语料也能用。
+读取，所以比内存还大的语料也能用。这份偏移（索引）存在数据文件旁边（sft.jsonl.index.npz，
+jsonl.load_index），下次启动时文件没变就直接读它，不必再逐行解析几 GB 的 jsonl。
 章节之外还有：PreferenceDataset（DPO 用的偏好对）、PackedDataset（打包的预训练窗口）、
 组批函数 trim_padding / pack_chats，以及给每个进程分数据的 ShardSampler。
 """
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from jsonl import changed_while_training, iter_jsonl, line_number_at, read_line_at, text_of
+from jsonl import changed_while_training, line_number_at, load_index, read_line_at, text_of
 from k_model import IGNORE_INDEX
 
 ROLES = ("system", "user", "assistant")  # 对话模板认识的角色
@@ -48,8 +49,8 @@ class JsonlDataset(Dataset):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.padding = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # 填充用的 token id
-        # 逐行用 parse 检查，只记下可用行的起始字节偏移（int64 数组，每行 8 字节）；坏行跳过并警告
-        self.offsets = np.fromiter((offset for offset, _ in iter_jsonl(data_path, parse)), dtype=np.int64)
+        # 可用行的起始字节偏移（坏行跳过并警告）；文件没变时从上次存下的索引读出，不再逐行解析
+        self.offsets = load_index(data_path, parse)
         self.size = os.path.getsize(data_path)  # 用来区分“训练期间文件被改了”和“这一行本身坏了”
         self._file, self._file_pid = None, None
 

@@ -15,13 +15,12 @@ import sys
 import time
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 # 训练循环外围的机制（进程、日志、检查点、断点续训、命令行）都在 harness.py 里
 from harness import (Dist, Run, TrainingError, autocast, build_parser, check_compatible, check_out_dir, check_paths,
                      compile_by_default, dry_run, format_eta, lm_loss, load_tokenizer_or_none, make_loader, make_optimizer,
                      model_config, parse_args, pretrain_dataset, read_tokenizer_files, resolve_dtype, resume_state,
-                     save_model, set_seed)
+                     save_model, set_seed, wrap_ddp)
 from jsonl import JsonlError
 from pretokenize import tokenizer_fingerprint
 from train_plan import plan_from_args, summary_line
@@ -109,6 +108,8 @@ def train_epoch(epoch, train_loader, model, optimizer, scaler, run: "Run", args,
             scaler.scale(loss).backward()  # 反向传播；float16 时先放大损失，免得小梯度下溢成 0
         run.count(loss, loss_mask)  # 记下损失和训练的 token 数，供日志使用
         if not last_micro:
+            if run.stop_in_window(epoch, step_in_epoch):  # 收到停止信号：放弃这个窗口，存检查点后结束
+                return False
             continue  # 窗口未满：只累积梯度，不更新参数
         scaler.unscale_(optimizer)  # 先把梯度还原到真实大小，梯度裁剪的阈值才有意义
         # 梯度裁剪：总范数超过 grad_clip 时按比例缩小，防止梯度爆炸；返回裁剪前的范数
@@ -116,7 +117,8 @@ def train_epoch(epoch, train_loader, model, optimizer, scaler, run: "Run", args,
         if run.update_is_finite(grad_norm):  # 出现 NaN/inf 的一步被跳过，不应用到参数上
             scaler.step(optimizer)
         scaler.update()  # 调整下一步的损失缩放系数（只对 float16 起作用）
-        optimizer.zero_grad(set_to_none=True)  # 清空梯度，开始下一个累积窗口
+        # 清空梯度，开始下一个累积窗口；DDP 下梯度就是 all-reduce 桶的视图，置零而不是删掉（删掉会另分配一份）
+        optimizer.zero_grad(set_to_none=not run.ctx.ddp)
         if not run.after_step(lr, grad_norm, epoch, step_in_epoch):  # 到时就写日志、验证、存检查点
             return False
     return True
@@ -124,7 +126,7 @@ def train_epoch(epoch, train_loader, model, optimizer, scaler, run: "Run", args,
 
 def train(args, model, train_set, val_set, ctx: Dist, trim_batches=False, objective=lm_loss):
     """搭好预训练与 SFT 共用的训练流程并运行：设备与 dtype、断点续训、编译、DDP、AdamW、数据加载器；
-    然后反复调用 train_epoch 直到最后一步，最后用 save_pretrained 保存模型。"""
+    然后反复调用 train_epoch 直到最后一步，最后用 save_pretrained 保存模型并返回它（被信号停下时返回 None）。"""
     from checkpoint import load_weights, new_lineage, set_rng_state
     from k_model import count_parameters
     dtype = resolve_dtype(args.dtype, ctx.device_type)  # 混合精度用的 dtype（auto 的规则见 DEFAULTS）
@@ -150,10 +152,7 @@ def train(args, model, train_set, val_set, ctx: Dist, trim_batches=False, object
     model = eval_model
     if ctx.ddp:
         # 分布式数据并行：每个进程持有完整模型，反向传播时自动把各进程的梯度平均
-        # broadcast_buffers=False：RoPE 表和掩码都是常量，不值得每步广播一次
-        # gradient_as_bucket_view：梯度就存放在 DDP 的 all-reduce 桶里，不另存一份
-        model = DistributedDataParallel(eval_model, device_ids=[torch.cuda.current_device()] if ctx.device_type == "cuda" else None,
-                                        broadcast_buffers=False, gradient_as_bucket_view=True)
+        model = wrap_ddp(eval_model, ctx)  # 见 harness.wrap_ddp：梯度就存放在 all-reduce 桶里，不另存一份
     optimizer = make_optimizer(raw_model, args, ctx.device_type)  # AdamW（见 harness.make_optimizer）
     # 只有 float16 需要损失缩放；bfloat16 的数值范围与 float32 相同
     scaler = torch.amp.GradScaler(ctx.device_type, enabled=dtype == torch.float16)
@@ -213,7 +212,7 @@ def train(args, model, train_set, val_set, ctx: Dist, trim_batches=False, object
     if ctx.is_master:
         from report import plot_losses
         plot_losses(args.out_dir)  # 画损失曲线 loss_curve.png
-    return raw_model
+    return None if run.stopped_by_signal else raw_model  # 被信号停下时没有最终模型
 
 
 def main(argv=None):
@@ -251,7 +250,7 @@ def run_training(args, model, train_set, val_set, ctx: Dist, trim_batches=False,
     （样例：sample_mode 为 "pretrain" 时是续写，为 "chat" 时是对话回答）。"""
     from checkpoint import CheckpointError
     try:
-        train(args, model, train_set, val_set, ctx, trim_batches, objective)
+        finished = train(args, model, train_set, val_set, ctx, trim_batches, objective) is not None
     except (CheckpointError, TrainingError, OSError) as e:
         ctx.close()
         # DataLoader 工作进程里的错误是包在该进程的 traceback 里传来的：最后一行才是错误信息
@@ -259,7 +258,8 @@ def run_training(args, model, train_set, val_set, ctx: Dist, trim_batches=False,
         sys.exit(f"error: {message}")
     ctx.close()
     # --report：只由 rank 0 写，而且要有保存好的最终模型（config.json）
-    if args.report and ctx.is_master and os.path.isfile(os.path.join(args.out_dir, "config.json")):
+    # 被信号停下时不写：OUT_DIR 里可能是上一次训练的旧模型
+    if args.report and finished and ctx.is_master and os.path.isfile(os.path.join(args.out_dir, "config.json")):
         from model_sample import CHAT_PROMPTS, PRETRAIN_STARTS, TextGenerator
         from report import write_report
         generator = TextGenerator(args.out_dir, device=ctx.device)  # 用刚保存的模型生成几段样例

@@ -29,10 +29,11 @@ CODE = os.path.dirname(os.path.abspath(__file__))
 
 # ---- hyperparameters (CLI flags override) ----
 PRETRAIN_STEPS = 300      # optimizer steps of the chapter preset (the first log window includes compiling)
-SFT_STEPS = 100
+DDP_STEPS = 100           # the same under torchrun on every GPU: enough to measure the scaling
+SFT_STEPS = 100           # one micro-batch a step: 100 batches of chats
 BATCH_SIZE = 16           # per GPU, sequences of 512 tokens
 GEN_TOKENS = 256          # new tokens per generation run
-CORPUS_CHARS = 1_500_000  # synthetic pretraining text
+BUDGET_S = 480            # the whole check should take 8 minutes; the table says if it did not
 SMOKE_MODEL = ["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--max_seq_len", "64"]
 
 
@@ -102,6 +103,7 @@ def main(argv=None):
         sys.exit("error: no CUDA device; this check is for a GPU machine (--smoke runs it on CPU, tiny)")
     from train_plan import GPUS, flops_per_token, match_gpu
     rows = []  # (check, result, note)
+    started = time.time()
 
     def row(check, result, note=""):
         rows.append((check, result, note))
@@ -123,7 +125,12 @@ def main(argv=None):
     work = args.work_dir or tempfile.mkdtemp(prefix="gpu_check_")
     os.makedirs(work, exist_ok=True)
     py = sys.executable
-    pretrain_jsonl, sft_jsonl = synthetic_corpus(work, CORPUS_CHARS // (20 if smoke else 1))
+    # no run may reach an epoch's end: its shorter last batch would compile another graph. A character of
+    # this corpus is about one token; 20% more than the most any run reads
+    steps = 20 if smoke else PRETRAIN_STEPS
+    ddp_steps = DDP_STEPS if n_gpus > 1 else 0
+    tokens_needed = max(steps, ddp_steps * n_gpus) * BATCH_SIZE * (64 if smoke else 512)
+    pretrain_jsonl, sft_jsonl = synthetic_corpus(work, int(1.2 * tokens_needed))
     tok = os.path.join(work, "tokenizer")
     run([py, f"{CODE}/train_tokenizer.py", "--data_path", pretrain_jsonl, sft_jsonl, "--save_dir", tok,
          "--vocab_size", "6144"], os.path.join(work, "tokenizer.log"))
@@ -131,7 +138,6 @@ def main(argv=None):
         os.path.join(work, "pretokenize.log"))
     bin_path = pretrain_jsonl.replace(".jsonl", ".bin")
 
-    steps = 20 if smoke else PRETRAIN_STEPS
     model_flags = SMOKE_MODEL if smoke else []
     common = ["--preset", "chapter", *model_flags, "--tokenizer_path", tok, "--batch_size", str(BATCH_SIZE),
               "--accumulation_steps", "1", "--max_steps", str(steps), "--log_interval", str(steps // 4),
@@ -163,8 +169,9 @@ def main(argv=None):
 
     if n_gpus > 1:
         ddp_out = os.path.join(work, "pretrain_ddp")
+        ddp_flags = [*common, "--max_steps", str(ddp_steps), "--log_interval", str(ddp_steps // 4)]  # override
         seconds = run([py, "-m", "torch.distributed.run", "--nproc_per_node", str(n_gpus),
-                       f"{CODE}/ddp_pretrain.py", *common, "--data_path", bin_path, "--out_dir", ddp_out],
+                       f"{CODE}/ddp_pretrain.py", *ddp_flags, "--data_path", bin_path, "--out_dir", ddp_out],
                       os.path.join(work, "pretrain_ddp.log"))
         ddp_speed = steady_tokens_per_s(read_metrics(ddp_out))
         ddp_flops = flops_per_token(config, config.max_seq_len) * ddp_speed
@@ -176,6 +183,7 @@ def main(argv=None):
     sft_steps = 10 if smoke else SFT_STEPS
     seconds = run([py, f"{CODE}/ddp_sft.py", *model_flags, "--tokenizer_path", tok, "--data_path", sft_jsonl,
                    "--pretrained_path", pre_out, "--out_dir", sft_out, "--batch_size", str(BATCH_SIZE),
+                   "--accumulation_steps", "1",  # the default 8 would make 100 steps 800 micro-batches
                    "--max_steps", str(sft_steps), "--log_interval", str(sft_steps // 2),
                    "--eval_interval", str(10 * sft_steps), "--save_interval", str(10 * sft_steps),
                    "--device", device] + (["--no-compile"] if smoke else []), os.path.join(work, "sft.log"))
@@ -207,6 +215,8 @@ def main(argv=None):
         diff = (ours(tokens, tokens).logits - hf(tokens).logits).abs().max().item()
     row("export: HF logits vs Tiny-K", f"max |diff| {diff:.2e}", "fp32, the same tokens")
 
+    total = time.time() - started
+    row("total time", f"{total:.0f} s", ("within" if total <= BUDGET_S else "over") + f" the {BUDGET_S} s budget")
     print("\nTiny-K GPU check" + (" (smoke run on CPU)" if smoke else ""))
     width = [max(len(str(r[i])) for r in rows) for i in range(3)]
     for check, result, note in rows:

@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export TRANSFORMERS_VERBOSITY=error
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+# first the driver, the CUDA build and the compute capability; it stops if this torch cannot use the GPUs
+python code/cuda_env.py
 timeout 900 python code/gpu_check.py "$@"

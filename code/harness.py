@@ -13,6 +13,7 @@ train_epoch, train and main. What a learner need not read to follow 5.5 is here:
 import argparse
 import datetime
 import functools
+import inspect
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
+from cuda_env import cuda_setup_problem
 from train_plan import add_plan_arguments, plan_from_args, print_plan
 from train_tokenizer import load_tokenizer
 
@@ -131,15 +133,21 @@ class Dist:
         self.rank = int(os.environ.get("RANK", 0))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        if device == "auto" or device.startswith("cuda"):
+            # a GPU the driver lists but this torch build cannot use: say so instead of training on the CPU
+            problem = cuda_setup_problem()
+            if problem or (device != "auto" and not torch.cuda.is_available()):
+                sys.exit(f"error: {problem or 'no CUDA GPU visible to torch'}")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda") and self.ddp:
             # one GPU per process, by its rank on this node; modulo the visible count for jobs that
             # show each process only its own GPU (Slurm --gpus-per-task=1, CUDA_VISIBLE_DEVICES per rank)
-            device = f"cuda:{self.local_rank % torch.cuda.device_count()}"
+            device = gpu_for_rank(self.local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count())
             torch.cuda.set_device(device)
         self.device = device
         self.device_type = "cuda" if device.startswith("cuda") else "cpu"
+        self.flag_group = None  # where any() all-reduces its host flags (see any())
         if self.ddp:
             # a generous timeout: the other ranks wait while rank 0 saves a large checkpoint or evaluates
             timeout = datetime.timedelta(minutes=DDP_TIMEOUT_MINUTES)
@@ -147,8 +155,12 @@ class Dist:
             # read a dead rank's address from the attempt before and fail ("Gloo connectFullMesh ... refused")
             store, _, _ = next(dist.rendezvous("env://", self.rank, self.world_size, timeout=timeout))
             store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+            if self.device_type == "cuda":  # before NCCL, whose own message is "Duplicate GPU detected"
+                check_one_rank_per_gpu(store, self.rank, self.world_size, device)
             dist.init_process_group(backend="nccl" if self.device_type == "cuda" else "gloo", store=store,
                                     rank=self.rank, world_size=self.world_size, timeout=timeout)
+            # host flags (a stop signal) on a gloo group: an NCCL all-reduce would sync the GPU every micro-batch
+            self.flag_group = dist.new_group(backend="gloo") if self.device_type == "cuda" else dist.group.WORLD
         self.is_master = self.rank == 0
 
     def print(self, *args, **kwargs):
@@ -163,11 +175,12 @@ class Dist:
         return t.tolist()
 
     def any(self, flag: bool) -> bool:
-        """True on every rank if it is True on any (so all ranks take the same branch)."""
+        """True on every rank if it is True on any (so all ranks take the same branch). A CPU tensor on
+        a gloo group: cheap enough to ask after every micro-batch, and the GPU's queue keeps running."""
         if not self.ddp:
             return flag
-        t = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = torch.tensor([float(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.flag_group)
         return bool(t.item())
 
     def broadcast(self, obj):
@@ -189,6 +202,41 @@ class Dist:
     def close(self):
         if self.ddp:
             dist.destroy_process_group()
+
+
+def gpu_for_rank(local_rank: int, local_world_size: int, visible: int) -> str:
+    """This rank's GPU. More ranks on a node than GPUs it sees would put two ranks on one GPU."""
+    if visible == 0:
+        sys.exit("error: torchrun asked for CUDA but no GPU is visible (CUDA_VISIBLE_DEVICES?)")
+    if 1 < visible < local_world_size:
+        sys.exit(f"error: --nproc_per_node {local_world_size} but this node shows {visible} GPUs: two ranks would "
+                 f"share a GPU; use --nproc_per_node {visible} (or make more GPUs visible)")
+    return f"cuda:{local_rank % visible}"
+
+
+def check_one_rank_per_gpu(store, rank: int, world_size: int, device: str):
+    """Every rank tells the store which GPU it got (host and UUID); two ranks on one GPU stop here.
+    That happens when each rank sees one GPU, but not its own (CUDA_VISIBLE_DEVICES=0 for all)."""
+    props = torch.cuda.get_device_properties(device)
+    store.set(f"gpu/{rank}", f"{socket.gethostname()} {getattr(props, 'uuid', device)} {props.name}")
+    gpus = [store.get(f"gpu/{r}").decode() for r in range(world_size)]
+    message = shared_gpu_message(gpus)
+    if message:
+        sys.exit(f"error: {message}")
+
+
+def shared_gpu_message(gpus) -> str:
+    """'host uuid name' per rank -> a message naming the ranks that share a GPU ('' if none do)."""
+    ranks_of = {}
+    for rank, gpu in enumerate(gpus):
+        ranks_of.setdefault(tuple(gpu.split(" ", 2)[:2]), []).append(rank)  # host and UUID
+    shared = [ranks for ranks in ranks_of.values() if len(ranks) > 1]
+    if not shared:
+        return ""
+    first = shared[0]
+    host, _, name = gpus[first[0]].split(" ", 2)
+    return (f"ranks {', '.join(map(str, first))} would share one GPU ({name} on {host}): each process must see "
+            "its own GPU; lower --nproc_per_node to the GPU count or fix CUDA_VISIBLE_DEVICES per rank")
 
 
 def resolve_dtype(name: str, device_type: str) -> torch.dtype:
@@ -227,6 +275,21 @@ def compile_by_default(device: str) -> bool:
     """torch.compile where Inductor's Triton kernels run: CUDA cards of compute capability 7.0 or
     newer (a P40 or older would crash in Inductor); off on CPU, where compiling takes longer than it saves."""
     return device.startswith("cuda") and torch.cuda.get_device_capability(device) >= (7, 0)
+
+
+def wrap_ddp(model, ctx: Dist):
+    """DistributedDataParallel: every rank holds the whole model; backward averages the gradients.
+
+    gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, no second copy; this
+    holds only while they are zeroed in place, never set to None (train_epoch's zero_grad).
+    The RoPE tables and masks are constants: no broadcast before every forward (torch 2.13 renamed
+    broadcast_buffers to forward_sync_buffers and warns on the old name)."""
+    from torch.nn.parallel import DistributedDataParallel
+    no_buffer_sync = ({"forward_sync_buffers": False}
+                      if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                      else {"broadcast_buffers": False})
+    return DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if ctx.device_type == "cuda" else None,
+                                   gradient_as_bucket_view=True, **no_buffer_sync)
 
 
 def make_optimizer(model, args, device_type):
@@ -413,7 +476,11 @@ def make_loader(train_set, args, ctx: Dist, trim_batches: bool):
 # ---------------------------------------------------------------- around the loop: signals, steps, checkpoints
 
 class StopRequest:
-    """SIGTERM/SIGINT (a preempted job, Ctrl-C) ask the loop to checkpoint and exit cleanly."""
+    """SIGTERM/SIGINT (a preempted job, Ctrl-C) ask the loop to checkpoint and exit cleanly.
+
+    Signals come twice: Slurm sends SIGTERM to every process of a job step and torchrun forwards
+    its own ~0.1 s later; a terminal's Ctrl-C reaches torchrun and the workers, and torchrun
+    follows with SIGTERM. Only a second SIGINT (the user pressing Ctrl-C again) stops at once."""
 
     def __init__(self):
         self.requested = False
@@ -424,10 +491,13 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
-        if self.requested:  # a second signal: stop now
-            raise KeyboardInterrupt
+        if self.requested:
+            if signum == signal.SIGINT:  # Ctrl-C again: the user does not want to wait for the checkpoint
+                raise KeyboardInterrupt
+            return  # the same request again (Slurm and torchrun): the checkpoint is on its way
         self.requested = True
-        print(f"received {signal.Signals(signum).name}: saving a checkpoint after this step", file=sys.stderr, flush=True)
+        print(f"received {signal.Signals(signum).name}: saving a checkpoint after this micro-batch "
+              "(Ctrl-C again to stop without it)", file=sys.stderr, flush=True)
 
 
 def due(step: int, interval: int) -> bool:
@@ -472,6 +542,19 @@ class Run:
     def count(self, loss, loss_mask):
         self.window_loss += loss.detach()
         self.tokens_seen += int(loss_mask.sum())
+
+    def stop_in_window(self, epoch: int, batch: int) -> bool:
+        """A stop signal in the middle of an accumulation window: drop the window's gradients and
+        checkpoint at its first batch, so the save comes one micro-batch after the signal instead of
+        a whole step (torchrun kills the workers --shutdown_timeout seconds after its SIGTERM)."""
+        self.stopped_by_signal = self.ctx.any(self.stop.requested)
+        if not self.stopped_by_signal:
+            return False
+        self.optimizer.zero_grad(set_to_none=not self.ctx.ddp)
+        self.window_loss.zero_()
+        self.last_checkpoint = self.save_checkpoint(epoch, batch - batch % self.args.accumulation_steps) \
+            or self.last_checkpoint
+        return True
 
     # ---- after the backward of a window
 
@@ -541,10 +624,11 @@ class Run:
     def log_start(self, first_batch):
         """Step 0, before any update: the loss curves then show where training starts."""
         X, Y, _ = first_batch
-        self.eval_model.eval()
+        # the uncompiled model: one batch is not worth compiling an inference graph for (validation may)
+        self.raw_model.eval()
         with torch.no_grad(), autocast(self.ctx.device_type, self.dtype):
-            loss = self.objective(self.eval_model, X.to(self.ctx.device), Y.to(self.ctx.device), {}).item()
-        self.eval_model.train()
+            loss = self.objective(self.raw_model, X.to(self.ctx.device), Y.to(self.ctx.device), {}).item()
+        self.raw_model.train()
         loss = self.ctx.all_reduce_sum([loss])[0] / self.ctx.world_size
         self.ctx.print(f"step 0 | loss {loss:.4f} (before training)")
         self.logger.log({"loss": loss, "lr": 0.0, "time": 0.0}, 0)

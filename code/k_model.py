@@ -426,15 +426,35 @@ class Transformer(PreTrainedModel):
         return logits
 
     def compiled_decode_step(self):
-        """编译后的 decode_step（每个模型只编译一次），用于加速逐 token 解码。
+        """编译后的 decode_step（每个模型只编译一次，每个批大小档位各一张图），用于加速逐 token 解码。
 
         decode_step under torch.compile, made once per model; on CUDA with CUDA graphs
-        (mode="reduce-overhead"), which replay the whole step as one launch."""
+        (mode="reduce-overhead"), which replay the whole step as one launch. Shapes are static, so
+        each bucket of DECODE_BUCKETS compiles once: at most len(DECODE_BUCKETS) graphs."""
         if getattr(self, "_compiled_decode_step", None) is None:
             cuda = self.tok_embeddings.weight.is_cuda
-            self._compiled_decode_step = torch.compile(self.decode_step, fullgraph=True, dynamic=False,
-                                                       mode="reduce-overhead" if cuda else None)
+            inductor = DECODE_BACKEND == "inductor"  # mode 只对 inductor 有意义
+            self._compiled_decode_step = torch.compile(self.decode_step, backend=DECODE_BACKEND, fullgraph=True,
+                                                       dynamic=False,
+                                                       mode="reduce-overhead" if cuda and inductor else None)
         return self._compiled_decode_step
+
+    def static_kv_cache(self, batch: int) -> "StaticKVCache":
+        """编译解码用的 StaticKVCache：每个档位一个，留在模型上，每个请求重置后接着用。
+
+        The StaticKVCache of batch's bucket, made on first use and kept on the model: a new
+        request resets it in place rather than allocating another, because CUDA graphs are
+        recorded on the cache's addresses (a new address re-records, and the old graphs stay).
+        One compiled generation at a time per model (serve.py holds a lock around each)."""
+        bucket = decode_bucket(batch)
+        if getattr(self, "_static_kv_caches", None) is None:
+            self._static_kv_caches = {}
+        cache = self._static_kv_caches.get(bucket)
+        # 模型换了设备或 dtype（如 cast_for_inference）时，旧缓存用不上了，重新分配
+        if cache is None or cache.k.device != self.device or cache.k.dtype != self.dtype:
+            cache = self._static_kv_caches[bucket] = StaticKVCache(self.args, bucket, self.device, self.dtype)
+        cache.reset()
+        return cache
 
     @torch.inference_mode()
     def generate(self, idx, stop_id=None, max_new_tokens=256, temperature=1.0, top_k=None, top_p=None,
@@ -446,8 +466,9 @@ class Transformer(PreTrainedModel):
         时结束，该 token 不返回（提前结束的行用它填充），所有行都结束时生成停止。min_new_tokens 禁止在
         生成这么多个 token 之前停止。attention_mask (batch, seq) 在左填充处为 0。use_kv_cache=False 时
         每生成一个 token 都重跑整个序列，和章节的循环一样。compile_decode=True 时，提示词之后的每一步都经
-        compiled_decode_step 运行（第一次调用时编译）。序列不会超过 max_seq_len：max_new_tokens 会被
-        截到放得下的数量。
+        compiled_decode_step 运行：批量补齐到 DECODE_BUCKETS 中的一档，每档第一次用到时编译一次，超过
+        最大一档的批量用 eager 解码。序列不会超过 max_seq_len：max_new_tokens 会被截到放得下的数量。
+        logits 出现 NaN 或 inf（如 fp16 上溢）时抛出 NonFiniteLogitsError。
         """
         # 逐步产出的各列拼成 (batch, 新 token 数)；一个都没生成时返回 (batch, 0)
         columns = list(self.generate_stream(idx, stop_id, max_new_tokens, temperature, top_k, top_p,
@@ -474,20 +495,28 @@ class Transformer(PreTrainedModel):
         padded = not bool(attention_mask.all())  # 没有填充时模型完全不需要 mask
         # 给了 seed 就用独立的随机数发生器，采样结果可复现
         generator = torch.Generator(device=idx.device).manual_seed(seed) if seed is not None else None
-        # 用 KV cache 且要编译解码时，换成形状固定的 StaticKVCache
-        static = use_kv_cache and compile_decode
-        kv_cache = (StaticKVCache if static else KVCache)(self.args, batch, idx.device, self.dtype) \
-            if use_kv_cache else None
+        # 用 KV cache 且要编译解码时，换成形状固定的 StaticKVCache（批量补齐到所在的档位）；
+        # 比最大一档还大的批量走 eager 解码（见 DECODE_BUCKETS）
+        static = use_kv_cache and compile_decode and decode_bucket(batch) is not None
+        if static:
+            kv_cache = self.static_kv_cache(batch)
+            ticket = kv_cache.ticket  # 这次生成的编号：同一缓存被另一次生成拿去时，下面会发现
+        else:
+            kv_cache = KVCache(self.args, batch, idx.device, self.dtype) if use_kv_cache else None
         finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)  # 每行是否已遇到停止 token
         # sequence：到目前为止的完整序列；step_input：这一步要喂给模型的 token（第一步是整段提示词）
         sequence, step_input = idx, idx
         for i in range(max_new_tokens):
             mask = attention_mask if padded else None
             if static and i > 0:  # 提示词已按普通方式跑过；之后每一步的形状都相同
+                if kv_cache.ticket != ticket:
+                    raise RuntimeError("another compiled generation on this model took over its cache: "
+                                       "run one compiled generation at a time per model")
                 if idx.is_cuda:
                     torch.compiler.cudagraph_mark_step_begin()
-                # clone：CUDA graph 下一次重放会覆盖它的输出
-                logits = self.compiled_decode_step()(step_input, kv_cache).clone()
+                # 补上哑行（token 0）凑满档位，它们的输出丢掉；clone：CUDA graph 下一次重放会覆盖它的输出
+                tokens = F.pad(step_input, (0, 0, 0, kv_cache.batch_size - batch))
+                logits = self.compiled_decode_step()(tokens, kv_cache)[:batch].clone()
             elif kv_cache is not None:  # 只喂缓存还没见过的 token
                 logits = self(step_input, kv_cache=kv_cache, attention_mask=mask).logits[:, -1, :]
             else:
@@ -495,16 +524,27 @@ class Transformer(PreTrainedModel):
                 logits = self(sequence, attention_mask=mask).logits[:, -1, :]
             if static and i == 0:
                 kv_cache.start_decoding(attention_mask)  # 提示词已写进缓存，转入固定形状的逐 token 解码
+            # fp16 的前向会上溢成 inf、再算出 NaN；NaN 一旦进入 torch.multinomial，CUDA 上就是设备端断言，
+            # 整个 CUDA 上下文随之作废（服务进程还活着，却再也算不了）。这里先在设备上记下还在生成的行里哪些
+            # 坏了，到下面每步本来就有的那次同步时再读回（不为它多同步一次）；在那之前把坏行换成全 0（均匀分布），
+            # 采样就不会碰到 NaN，这些行的结果反正不用。
+            finite = torch.isfinite(logits).all(-1)
+            broken = ~finite & ~finished
+            logits = torch.where(finite[:, None], logits, 0.0)
             # 采样下一个 token：未满 min_new_tokens 时禁止停止 token；重复惩罚不罚停止 token
             next_token = sample_next_token(
                 logits, temperature, top_k, top_p, repetition_penalty, sequence, attention_mask, generator,
-                banned=stop_ids if i < min_new_tokens else None, exempt=stop_ids)
+                banned=stop_ids if i < min_new_tokens else None, exempt=stop_ids, check_finite=False)
             if len(stop_ids):
-                # 已结束的行继续填停止 token；所有行都结束就停止（这一步的停止 token 不返回）
+                # 已结束的行继续填停止 token
                 next_token[finished] = stop_ids[0]
                 finished |= torch.isin(next_token, stop_ids)
-                if finished.all():
-                    return
+            # 每步与主机同步一次，同时读回两件事：有没有行的 logits 坏了，是否所有行都已结束
+            any_broken, all_finished = torch.stack((broken.any(), finished.all())).tolist()
+            if any_broken:
+                raise NonFiniteLogitsError(logits.dtype)
+            if all_finished:
+                return  # 所有行都结束就停止（这一步的停止 token 不返回）
             # 新 token 追加到序列末尾，mask 同步加一列 1，再交给调用者
             step_input = next_token[:, None]
             sequence = torch.cat((sequence, step_input), dim=1)
@@ -532,16 +572,20 @@ class KVCache:
     def __init__(self, config: ModelConfig, batch_size: int, device=None, dtype=torch.float32):
         n_kv_heads = config.n_kv_heads or config.n_heads
         shape = (config.n_layers, batch_size, n_kv_heads, config.max_seq_len, config.dim // config.n_heads)
+        self.batch_size = batch_size
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # positions filled; Transformer.forward advances it after all layers
 
     def update(self, layer_id: int, xk: torch.Tensor, xv: torch.Tensor):
-        """Store this step's (batch, kv_heads, seq, head_dim) keys/values; return all so far."""
-        end = self.length + xk.shape[2]
-        self.k[layer_id, :, :, self.length:end] = xk
-        self.v[layer_id, :, :, self.length:end] = xv
-        return self.k[layer_id, :, :, :end], self.v[layer_id, :, :, :end]
+        """Store this step's (batch, kv_heads, seq, head_dim) keys/values; return all so far.
+
+        The batch fills the cache's first rows: a StaticKVCache has a bucket's rows, and the
+        prompt runs on the real ones only."""
+        bsz, end = xk.shape[0], self.length + xk.shape[2]
+        self.k[layer_id, :bsz, :, self.length:end] = xk
+        self.v[layer_id, :bsz, :, self.length:end] = xv
+        return self.k[layer_id, :bsz, :, :end], self.v[layer_id, :bsz, :, :end]
 
 
 class StaticKVCache(KVCache):
@@ -550,22 +594,39 @@ class StaticKVCache(KVCache):
     A KVCache whose shapes never change, for compiled decoding. The prompt fills it as usual
     (KVCache.update); after start_decoding, each step writes one position at `column` (a tensor,
     not a Python int that torch.compile would specialise on) and attention reads all max_seq_len
-    slots, with key_mask hiding those not written yet and the left padding."""
+    slots, with key_mask hiding those not written yet and the left padding. It has a bucket's
+    rows (DECODE_BUCKETS); those past the real batch are dummies whose outputs are dropped."""
 
     def __init__(self, config: ModelConfig, batch_size: int, device=None, dtype=torch.float32):
         super().__init__(config, batch_size, device, dtype)
         self.decoding = False
+        self.ticket = 0  # counts the generations that used it (Transformer.static_kv_cache)
         self.column = torch.zeros(1, dtype=torch.long, device=device)  # the slot the next token fills
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)  # each row's RoPE position
         self.key_mask = torch.zeros(batch_size, config.max_seq_len, dtype=torch.bool, device=device)
         for t in (self.k, self.v, self.column, self.positions, self.key_mask):
             torch._dynamo.mark_static_address(t)  # fixed addresses: CUDA graphs may update them in place
 
+    def reset(self):
+        """为新请求清空，地址不变（CUDA graphs 就在这些地址上重放）：上一个请求什么也留不下。
+
+        Empty for a new request, in place. K/V are zeroed too: key_mask hides stale slots, but a
+        hidden NaN left by an overflowed request would still spread (its weight 0 times NaN)."""
+        for t in (self.k, self.v, self.column, self.positions, self.key_mask):
+            t.zero_()
+        self.length, self.decoding = 0, False
+        self.ticket += 1
+
     def start_decoding(self, attention_mask: torch.Tensor):
-        """After the prompt (batch, length): mark its real tokens and where the next one goes."""
-        self.key_mask[:, :self.length] = attention_mask.bool()
+        """After the prompt (batch, length): mark its real tokens and where the next one goes.
+
+        The prompt filled the first `batch` rows; the dummy rows after them hold no token."""
+        batch = attention_mask.shape[0]
+        self.key_mask.zero_()
+        self.key_mask[:batch, :self.length] = attention_mask.bool()
         self.column.fill_(self.length)
-        self.positions.copy_(attention_mask.long().sum(-1))  # a row's first real token is position 0
+        self.positions.zero_()
+        self.positions[:batch] = attention_mask.long().sum(-1)  # a row's first real token is position 0
         self.decoding = True
 
     def update(self, layer_id: int, xk: torch.Tensor, xv: torch.Tensor):
@@ -574,6 +635,21 @@ class StaticKVCache(KVCache):
         self.k[layer_id].index_copy_(2, self.column, xk)
         self.v[layer_id].index_copy_(2, self.column, xv)
         return self.k[layer_id], self.v[layer_id]
+
+
+# 编译解码的批大小档位：批量补齐到不小于它的最小一档，每档只编译一次（CUDA 上录一张 CUDA graph），
+# 也只占一份 StaticKVCache。7 档，少于 torch._dynamo 的重编译上限（recompile_limit，默认 8，记在 decode_step
+# 的代码上、同一进程的模型共用；fullgraph=True 时超过上限就报错，而不是退回 eager）。更大的批量用 eager 解码：那时每一步都是大矩阵乘，
+# CUDA graphs 省下的 kernel 启动时间微不足道，不值得再编译一张图、再分配一份缓存。
+DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+# 编译解码步用的 torch.compile 后端。默认 inductor（CUDA 上加 CUDA graphs）；测试换成只数图、不生成代码的后端，
+# 免得每张图都在 CPU 上编译好几秒。
+DECODE_BACKEND = "inductor"
+
+
+def decode_bucket(batch: int) -> Optional[int]:
+    """批量所在的档位：不小于 batch 的最小一档；比最大一档还大时为 None（走 eager 解码）。"""
+    return next((b for b in DECODE_BUCKETS if b >= batch), None)
 
 
 def cast_for_inference(model: "Transformer", dtype: torch.dtype) -> "Transformer":
@@ -630,9 +706,28 @@ def top_p_filter(logits, p):
     return logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
 
 
+class NonFiniteLogitsError(RuntimeError):
+    """logits 里出现了 NaN 或 inf，无从采样（多半是 fp16 的前向上溢了）。
+
+    Logits holding NaN or inf: no token can be sampled. Raised in Python, never left to
+    torch.multinomial, whose device-side assert would end the process's CUDA context."""
+
+    def __init__(self, dtype: torch.dtype):
+        hint = ("float16 overflows past 65504: run the model in bfloat16 or float32 (--dtype bfloat16 or "
+                "--dtype float32)" if dtype == torch.float16 else "do the weights hold NaN or inf?")
+        super().__init__(f"the model's logits ({str(dtype).replace('torch.', '')}) hold NaN or inf, "
+                         f"so no token can be sampled; {hint}")
+
+
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
-                      context=None, context_mask=None, generator=None, banned=None, exempt=None):
-    """从 (batch, vocab) 的 logits 为每行选出一个 token id；temperature 为 0 时贪婪解码（5.6.1 的采样步骤）。"""
+                      context=None, context_mask=None, generator=None, banned=None, exempt=None, check_finite=True):
+    """从 (batch, vocab) 的 logits 为每行选出一个 token id；temperature 为 0 时贪婪解码（5.6.1 的采样步骤）。
+
+    check_finite：logits 里有 NaN/inf 就抛出 NonFiniteLogitsError，而不是让 NaN 进入 multinomial（CUDA 上那是
+    设备端断言）；检查要与设备同步一次。generate_stream 传入 False：它自己把坏行挡在外面，并把检查并进每步已有的那次同步。
+    """
+    if check_finite and not torch.isfinite(logits).all():
+        raise NonFiniteLogitsError(logits.dtype)
     logits = logits.float()  # 采样计算统一用 fp32
     if repetition_penalty != 1.0 and context is not None:
         mask = context_mask if context_mask is not None else torch.ones_like(context)

@@ -15,7 +15,7 @@ import sys
 import torch
 
 from cli import HelpFormatter
-from k_model import cast_for_inference, check_sampling
+from k_model import NonFiniteLogitsError, cast_for_inference, check_sampling
 # 采样的默认值（温度 0.7、top-k 50、top-p 0.9、重复惩罚 1.1）定义在 model_io.py：serve.py 和导出给 ollama 的
 # Modelfile 也用它们；要改全部的默认值就改那里，只改这一次运行就用命令行参数
 from model_io import REPETITION_PENALTY, TEMPERATURE, TOP_K, TOP_P, load_tiny_k
@@ -26,6 +26,7 @@ from model_io import REPETITION_PENALTY, TEMPERATURE, TOP_K, TOP_P, load_tiny_k
 CHECKPOINT = "output/sft"   # 默认加载的模型目录：ddp_sft.py 的输出（有监督微调后的模型）
 MAX_NEW_TOKENS = 256        # 每个回答最多新生成的 token 数（提示加回答还不能超过 max_seq_len）
 SEED = 42                   # 采样随机种子：同样的种子和提示，得到同样的回答
+DTYPES = ("float32", "bfloat16", "float16")  # --dtype 可选的推理精度（另有 auto）
 # 演示数据预训练的是写成“体裁《题目》”再接正文的诗：一个标题头就是一首诗的开头。
 # 预训练模型只会续写，所以 --mode pretrain 用这些开头让它往下写
 PRETRAIN_STARTS = ["五言绝句《春晓》\n", "七言绝句《秋夜》\n", "五言律诗《登楼》\n", "七言律诗《送友人》\n", "明月"]
@@ -59,11 +60,13 @@ class StreamDecoder:
 class TextGenerator:
     """章节 5.6.2 的 TextGenerator：加载模型和分词器，预训练模型用来续写，SFT 模型用来对话。"""
 
-    def __init__(self, checkpoint_path=CHECKPOINT, tokenizer_path=None, device="auto", compile_decode=False):
+    def __init__(self, checkpoint_path=CHECKPOINT, tokenizer_path=None, device="auto", compile_decode=False,
+                 dtype="auto"):
         """checkpoint_path：Tiny-K 目录或导出的 Hugging Face Llama 目录（也可以是训练检查点文件，
         此时要给 tokenizer_path）；分词器默认用模型旁边一起保存的那个。
-        在 CUDA 上模型以 bf16 运行（GPU 不支持 bf16 时用 fp16）；compile_decode 会编译解码步
-        （CUDA 上用 CUDA graphs；第一个回答要等编译完成）。"""
+        dtype 为 "auto" 时，在 CUDA 上模型以 bf16 运行（GPU 不支持 bf16 时用 fp16），在 CPU 上用 fp32；
+        也可以指定 "float32"、"bfloat16" 或 "float16"。compile_decode 会编译解码步
+        （CUDA 上用 CUDA graphs；每种批大小档位的第一个回答要等编译完成）。"""
         from train_tokenizer import load_tokenizer
         # 训练检查点（.pt）里只有权重和配置，没有分词器，必须另外指定
         if os.path.isfile(checkpoint_path) and tokenizer_path is None:
@@ -74,10 +77,16 @@ class TextGenerator:
         # 章节在这里把模型的维度重新手写了一遍；目录里的 config.json 已经记着它们。
         # eval()：关掉 dropout，推理时前向是确定的
         self.model = load_tiny_k(checkpoint_path).to(self.device).eval()
-        if self.model.device.type == "cuda":
-            # 推理改用半精度：权重和 KV cache 减半，解码更快；bf16 的数值范围与 fp32 相同，优先用它
+        if dtype == "auto" and self.model.device.type == "cuda":
+            # 推理改用半精度：权重和 KV cache 减半，解码更快；bf16 的数值范围与 fp32 相同，优先用它。
+            # fp16 最大只到 65504，前向可能上溢（生成时报 NonFiniteLogitsError），那时改用 --dtype float32
             bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-            self.model = cast_for_inference(self.model, torch.bfloat16 if bf16 else torch.float16)
+            dtype = "bfloat16" if bf16 else "float16"
+        if dtype != "auto":  # CPU 上的 auto：保持加载时的精度（fp32）
+            if dtype not in DTYPES:
+                raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+            if self.model.dtype != getattr(torch, dtype):
+                self.model = cast_for_inference(self.model, getattr(torch, dtype))
         self.compile_decode = compile_decode
         self.tokenizer = load_tokenizer(tokenizer_path or checkpoint_path)
         # SFT 数据里每个回答都以 <|im_end|> 结束，所以对话生成到它就停（章节的 chat 停在 eos）
@@ -216,7 +225,7 @@ def interactive_chat(generator: TextGenerator, sampling: dict, stdin=sys.stdin):
             for piece in generator.chat_stream(prompt, history, **sampling):
                 pieces.append(piece)
                 print(piece, end="", flush=True)
-        except ValueError as e:  # 例如消息太长：显示原因，对话继续
+        except (ValueError, NonFiniteLogitsError) as e:  # 例如消息太长、fp16 上溢：显示原因，对话继续
             print(f"[{e}]", flush=True)
             continue
         print(flush=True)
@@ -246,11 +255,14 @@ def main(argv=None):
     parser.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
     parser.add_argument("--compile_decode", action="store_true",
                         help="torch.compile the decode step (CUDA graphs on CUDA); worth it for long answers on a GPU")
+    parser.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto",
+                        help="inference precision; auto = bfloat16 on CUDA (float16 where bf16 is missing), "
+                             "float32 on CPU")
     args = parser.parse_args(argv)
     try:
         # 先检查采样参数再加载模型：参数写错时立刻报错，不必等模型加载完
         check_sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
-        generator = TextGenerator(args.checkpoint, args.tokenizer_path, args.device, args.compile_decode)
+        generator = TextGenerator(args.checkpoint, args.tokenizer_path, args.device, args.compile_decode, args.dtype)
     except (FileNotFoundError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     # 命令行给出的采样参数，每次生成都用它们

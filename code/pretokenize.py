@@ -58,21 +58,24 @@ def read_meta(bin_path: str) -> dict:
     return meta
 
 
-_tokenizer = None
+_tokenizer = _bos = _eos = None
 
 
 def _init_worker(tokenizer_path):
-    global _tokenizer
+    global _tokenizer, _bos, _eos
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
     from train_tokenizer import load_tokenizer
-    _tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
+    # The Rust tokenizer under the transformers wrapper. tokenizer(texts) runs its encode_batch, which
+    # also works out every token's character offsets, then copies each result into Python dicts;
+    # encode_batch_fast on the Rust tokenizer gives the same ids in 2/3 of the time
+    _tokenizer, _bos, _eos = tokenizer.backend_tokenizer, tokenizer.bos_token_id, tokenizer.eos_token_id
 
 
 def encode_documents(texts):
     """<s> text </s> for each text, concatenated into one array."""
-    bos, eos = _tokenizer.bos_token_id, _tokenizer.eos_token_id
-    ids = _tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return np.fromiter(itertools.chain.from_iterable([bos, *doc, eos] for doc in ids), dtype=np.int64)
+    docs = _tokenizer.encode_batch_fast(texts, add_special_tokens=False)  # the ids, no character offsets
+    return np.fromiter(itertools.chain.from_iterable([_bos, *doc.ids, _eos] for doc in docs), dtype=np.int64)
 
 
 def batched(iterable, n):

@@ -7,7 +7,9 @@ r"""Serve a model over an OpenAI-compatible HTTP API, with a chat page at /.
 Endpoints: POST /v1/chat/completions (streaming with "stream": true, as server-sent events),
 POST /v1/completions (plain continuation), GET /v1/models (with the model's max_seq_len),
 GET /health, GET / (the page). One request generates at a time; up to --max_queue wait, and more
-are answered 503 with Retry-After. A client that disconnects stops its generation.
+are answered 503 with Retry-After. A client that disconnects stops its generation. A generation
+that fails (say, NaN logits from a float16 overflow) answers its request with a 500 naming the
+cause, in the stream as an error event, and the server goes on serving.
 
 Serving a network (--host 0.0.0.0)? Set a key: TINYK_API_KEY=... python code/serve.py --host 0.0.0.0.
 Then every path but the page (/), /health and /favicon.ico needs "Authorization: Bearer <key>", as
@@ -23,6 +25,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 import uuid
 from typing import List, Literal, Optional, Union
 
@@ -147,11 +150,12 @@ class ModelWorker:
             self.waiting += 1
 
     def stream(self, input_ids, stop_id, sampling: Sampling, loop, queue, cancel: threading.Event):
-        """Thread body: push (text piece, None) per token, then (None, finish_reason)."""
+        """Thread body: push (text piece, None) per token, then (None, {finish_reason, completion_tokens,
+        error}); error is the message of what stopped generation, else None."""
         from model_sample import StreamDecoder
         model, tokenizer = self.generator.model, self.generator.tokenizer
         stops = [sampling.stop] if isinstance(sampling.stop, str) else (sampling.stop or [])
-        decoder, text, finish, n_tokens = StreamDecoder(tokenizer), "", "length", 0
+        decoder, text, finish, n_tokens, error = StreamDecoder(tokenizer), "", "length", 0, None
         try:
             with self.lock:
                 idx = torch.tensor([input_ids], device=self.generator.device)
@@ -175,13 +179,17 @@ class ModelWorker:
                 else:
                     limit = min(sampling.max_tokens, self.generator.max_seq_len - len(input_ids))
                     finish = "length" if n_tokens >= limit else "stop"
+        except Exception as e:  # this request fails, not the server: its client is told why
+            traceback.print_exc()
+            error = f"generation failed: {e}"
         finally:
             with self.count_lock:
                 self.waiting -= 1
-            loop.call_soon_threadsafe(queue.put_nowait, (None, {"finish_reason": finish, "completion_tokens": n_tokens}))
+            loop.call_soon_threadsafe(queue.put_nowait, (None, {"finish_reason": finish, "completion_tokens": n_tokens,
+                                                                "error": error}))
 
     async def pieces(self, input_ids, stop_id, sampling):
-        """Async iterator of text pieces; the last item is a dict with finish_reason and token count."""
+        """Async iterator of text pieces; the last item is a dict with finish_reason, token count and error."""
         loop, queue, cancel = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
         threading.Thread(target=self.stream, args=(input_ids, stop_id, sampling, loop, queue, cancel),
                          daemon=True).start()
@@ -197,10 +205,10 @@ class ModelWorker:
 
 
 def create_app(model_dir: str, max_queue: int = MAX_QUEUE, device: str = "auto",
-               compile_decode: bool = False, api_key: Optional[str] = None) -> FastAPI:
+               compile_decode: bool = False, api_key: Optional[str] = None, dtype: str = "auto") -> FastAPI:
     """api_key: when set, every path but OPEN_PATHS needs "Authorization: Bearer <api_key>"."""
     from model_sample import TextGenerator
-    generator = TextGenerator(model_dir, device=device, compile_decode=compile_decode)
+    generator = TextGenerator(model_dir, device=device, compile_decode=compile_decode, dtype=dtype)
     worker = ModelWorker(generator, max_queue)
     model_name = os.path.basename(os.path.normpath(model_dir))
     app = FastAPI(title="Tiny-K", docs_url=None, redoc_url=None)
@@ -279,8 +287,12 @@ def create_app(model_dir: str, max_queue: int = MAX_QUEUE, device: str = "auto",
                     yield f"data: {json.dumps(chunk(delta={'role': 'assistant'}), ensure_ascii=False)}\n\n"
                 async for item in pieces:
                     if isinstance(item, dict):
-                        last = chunk(finish=item["finish_reason"])
-                        last["usage"] = usage(item)
+                        if item["error"]:  # the 200 is sent already: the error comes as an event, as OpenAI's do
+                            last = {"error": {"message": item["error"], "type": "server_error", "param": None,
+                                              "code": "generation_failed"}}
+                        else:
+                            last = chunk(finish=item["finish_reason"])
+                            last["usage"] = usage(item)
                         yield f"data: {json.dumps(last, ensure_ascii=False)}\n\n"
                         break
                     body = chunk(delta={"content": item}) if kind == "chat" else chunk(text=item)
@@ -294,6 +306,8 @@ def create_app(model_dir: str, max_queue: int = MAX_QUEUE, device: str = "auto",
                 done = item
             else:
                 text += item
+        if done["error"]:
+            raise APIError(500, done["error"], code="generation_failed", kind="server_error")
         choice = {"index": 0, "finish_reason": done["finish_reason"]}
         if kind == "chat":
             choice["message"] = {"role": "assistant", "content": text.strip()}
@@ -339,6 +353,9 @@ def build_parser():
     parser.add_argument("--compile_decode", action="store_true",
                         help="torch.compile the decode step (CUDA graphs on CUDA); the first request waits "
                              "for it (default: off)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help="inference precision: auto (bfloat16 on CUDA, float16 where bf16 is missing; float32 "
+                             "on CPU), float32, bfloat16 or float16 (default: %(default)s)")
     # the default is not printed by --help: it would show the key
     parser.add_argument("--api_key", default=None,
                         help=f"Bearer key required on all but / and /health (default: ${API_KEY_ENV}, else "
@@ -353,7 +370,8 @@ def main(argv=None):
         print(f"warning: serving {args.host}:{args.port} without an API key: anyone who can reach it can use the "
               f"model (set {API_KEY_ENV} or --api_key)", file=sys.stderr)
     try:
-        app = create_app(args.model, args.max_queue, args.device, args.compile_decode, api_key=api_key)
+        app = create_app(args.model, args.max_queue, args.device, args.compile_decode, api_key=api_key,
+                         dtype=args.dtype)
     except (FileNotFoundError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     import uvicorn

@@ -61,13 +61,18 @@ GPUS = {
     "H100-PCIe": GPU(79.6, 756.0, True, True, 0.30),
     "H100": GPU(79.6, 989.4, True, True, 0.30),  # SXM
     "H200": GPU(140.4, 989.4, True, True, 0.30),
-    "V100-16GB": GPU(15.8, 125.0, False, False, 0.25),
+    "H100-NVL": GPU(93.6, 835.5, True, True, 0.30),  # the NVL cards: PCIe, lower clocks than SXM
+    "H200-NVL": GPU(140.4, 835.5, True, True, 0.30),
+    "V100-16GB": GPU(15.8, 125.0, False, False, 0.25),  # SXM2
     "V100-32GB": GPU(31.7, 125.0, False, False, 0.25),
+    "V100-PCIe-16GB": GPU(15.8, 112.0, False, False, 0.25),
+    "V100-PCIe-32GB": GPU(31.7, 112.0, False, False, 0.25),
     "T4": GPU(15.0, 65.0, False, False, 0.25),
 }
 # torch.cuda.get_device_name() -> GPUS key; the first pattern that matches wins
-GPU_PATTERNS = [(r"H200", "H200"), (r"H100.*PCIE", "H100-PCIe"), (r"H100", "H100"),
-                (r"A100.*80GB", "A100-80GB"), (r"A100", "A100-40GB"), (r"V100.*32GB", "V100-32GB"),
+GPU_PATTERNS = [(r"H200 NVL", "H200-NVL"), (r"H200", "H200"), (r"H100 NVL", "H100-NVL"), (r"H100.*PCIE", "H100-PCIe"),
+                (r"H100", "H100"), (r"A100.*80GB", "A100-80GB"), (r"A100", "A100-40GB"),
+                (r"V100.*PCIE.*32GB", "V100-PCIe-32GB"), (r"V100.*PCIE", "V100-PCIe-16GB"), (r"V100.*32GB", "V100-32GB"),
                 (r"V100", "V100-16GB"), (r"4090", "4090"), (r"3090", "3090"), (r"L40S", "L40S"),
                 (r"\bL4\b", "L4"), (r"\bA10\b", "A10"), (r"\bT4\b", "T4")]
 

@@ -121,9 +121,14 @@ def test_each_process_seeing_one_gpu_uses_device_0(monkeypatch):
     """Slurm --gpus-per-task=1: LOCAL_RANK 3, but the process sees a single GPU."""
     import harness
     chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(harness, "cuda_setup_problem", lambda: None)
+    monkeypatch.setattr(harness, "check_one_rank_per_gpu", lambda *args: None)  # needs a real GPU's UUID
     monkeypatch.setattr(harness.dist, "init_process_group", lambda **kwargs: chosen.append(kwargs))
+    monkeypatch.setattr(harness.dist, "new_group", lambda **kwargs: None)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     launcher_store = torch.distributed.HashStore()
     monkeypatch.setattr(harness.dist, "rendezvous", lambda *args, **kwargs: iter([(launcher_store, 3, 4)]))
     monkeypatch.setenv("RANK", "3")
@@ -201,3 +206,113 @@ def test_using_a_model_never_imports_the_training_scripts():
             "bad = [m for m in ('ddp_pretrain', 'ddp_sft') if m in sys.modules]; print(bad); sys.exit(bool(bad))" % CODE)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr[-1000:]
+
+
+def fake_nvidia_smi(tmp_path, monkeypatch, line):
+    """An nvidia-smi on PATH that lists one GPU: 'name, driver, compute capability'."""
+    script = tmp_path / "bin" / "nvidia-smi"
+    script.parent.mkdir()
+    script.write_text(f"#!/bin/sh\necho '{line}'\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{script.parent}:{__import__('os').environ['PATH']}")
+
+
+@pytest.mark.parametrize("build, line, expected", [
+    # the default CUDA 13 wheel on a driver older than 580: name the driver, the build and a cu126 wheel
+    ("13.0", "Tesla V100-SXM2-32GB, 535.104.05, 7.0", ["driver 535.104.05", "CUDA 13", ">= 580", "whl/cu126"]),
+    # a CPU-only wheel on a GPU node with a new driver: the CUDA 13 wheel fits
+    (None, "NVIDIA H100 80GB HBM3, 580.65.06, 9.0", ["CPU-only build", "install a CUDA build", "whl/cu130"]),
+])
+def test_auto_device_stops_when_nvidia_smi_lists_gpus_torch_cannot_use(tmp_path, monkeypatch, build, line, expected):
+    import harness
+    fake_nvidia_smi(tmp_path, monkeypatch, line)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", build)
+    with pytest.raises(SystemExit) as info:
+        harness.Dist("auto")
+    message = info.value.code
+    assert message.startswith("error: nvidia-smi lists 1 GPU(s)") and line.split(",")[0] in message
+    assert "pip uninstall -y torch && pip install torch --index-url https://download.pytorch.org/whl/" in message
+    for part in expected:
+        assert part in message
+    assert harness.Dist("cpu").device == "cpu"  # asking for the CPU still trains there
+
+
+def test_no_nvidia_smi_means_cpu_without_a_word(tmp_path, monkeypatch):
+    import harness
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi anywhere
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert harness.Dist("auto").device == "cpu"
+
+
+def test_a_gpu_without_kernels_in_the_build_is_named():
+    from cuda_env import gpu_has_kernels
+    cuda13 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
+    assert not gpu_has_kernels(7, 0, cuda13)  # V100: dropped by CUDA 13
+    assert gpu_has_kernels(8, 9, cuda13)  # L40S/4090 run sm_86 code
+    assert gpu_has_kernels(9, 0, ["sm_90a"]) and gpu_has_kernels(12, 1, cuda13)
+    assert gpu_has_kernels(13, 0, ["compute_90"])  # PTX is compiled for newer GPUs
+    assert not gpu_has_kernels(8, 0, ["sm_86"])  # a newer minor's code does not run on an older one
+
+
+def test_more_ranks_than_gpus_fail_with_one_message():
+    import harness
+    with pytest.raises(SystemExit) as info:
+        harness.gpu_for_rank(0, local_world_size=4, visible=2)
+    assert "--nproc_per_node 4" in info.value.code and "2 GPUs" in info.value.code
+    assert harness.gpu_for_rank(3, 4, 1) == "cuda:0"  # each rank sees only its own GPU
+    assert harness.gpu_for_rank(1, 2, 2) == "cuda:1"
+    # every rank sees one GPU, the same one: found by comparing UUIDs before NCCL starts
+    gpus = ["node1 GPU-aa NVIDIA A100", "node1 GPU-aa NVIDIA A100", "node2 GPU-aa NVIDIA A100"]
+    message = harness.shared_gpu_message(gpus)
+    assert message.startswith("ranks 0, 1 would share one GPU (NVIDIA A100 on node1)")
+    assert harness.shared_gpu_message(["node1 GPU-aa A100", "node1 GPU-bb A100"]) == ""
+
+
+def test_resume_restores_this_ranks_gpu_rng_only(monkeypatch):
+    import checkpoint
+    base = checkpoint.rng_state()  # on this CPU machine: no GPU state
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state: restored.append(int(state)))
+    checkpoint.set_rng_state(dict(base, cuda=[torch.tensor([i]) for i in range(8)]))  # an older, all-GPU checkpoint
+    checkpoint.set_rng_state(dict(base, cuda=[torch.tensor([i]) for i in range(2)]))  # fewer GPUs now than device 3
+    checkpoint.set_rng_state(dict(base, cuda=torch.tensor([7])))  # this rank's own, as saved now
+    assert restored == [3, 7]
+
+
+DDP_GRADIENTS = """
+import json, sys
+sys.path.insert(0, {code!r})
+import ddp_pretrain
+train = ddp_pretrain.train
+
+def train_and_look_at_the_gradients(*args, **kwargs):
+    model = train(*args, **kwargs)
+    grads = [p.grad for p in model.parameters()]
+    storages = {{g.untyped_storage().data_ptr() for g in grads if g is not None}}
+    with open({out!r} + __import__("os").environ["RANK"], "w") as f:
+        json.dump({{"params": len(grads), "none": sum(g is None for g in grads), "storages": len(storages)}}, f)
+    return model
+
+ddp_pretrain.train = train_and_look_at_the_gradients
+ddp_pretrain.main(sys.argv[1:])
+"""
+
+
+def test_ddp_gradients_stay_views_into_the_all_reduce_buckets(tokenizer_dir, data, tmp_path):
+    """gradient_as_bucket_view saves a copy of the gradients only while they are zeroed in place:
+    set to None, the next backward allocates them anew (the +4 bytes a parameter that --dry_run leaves out)."""
+    script = tmp_path / "look.py"
+    script.write_text(DDP_GRADIENTS.format(code=CODE, out=str(tmp_path / "grads_")))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29561", str(script), *pretrain_argv(tokenizer_dir, data, tmp_path / "out", "--max_steps", "3",
+                                                               "--accumulation_steps", "2")],
+                         env=ENV, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for rank in "01":
+        seen = __import__("json").loads((tmp_path / f"grads_{rank}").read_text())
+        assert seen["none"] == 0  # after 3 steps of 2 micro-batches, every gradient is still there ...
+        assert seen["storages"] <= 2 < seen["params"]  # ... inside one or two buckets, not one tensor each
+    assert "broadcast_buffers" not in run.stderr  # torch 2.13's deprecation warning is not printed

@@ -1,15 +1,20 @@
-"""Tokenizer, datasets (PretrainDataset, SFTDataset), jsonl reading and deal_dataset."""
+"""Tokenizer, datasets (PretrainDataset, SFTDataset) and their cached index, jsonl reading, deal_dataset,
+and the token ids pretokenize.py writes."""
+import errno
 import itertools
 import json
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import SENTENCES, write_jsonl
+import dataset
+import jsonl
 from dataset import PretrainDataset, SFTDataset, pack_chats, trim_padding
-from jsonl import JsonlError
+from jsonl import DataChangedError, JsonlError
 from k_model import IGNORE_INDEX, Transformer
 import deal_dataset
 from train_tokenizer import SYSTEM_PROMPT
@@ -258,6 +263,120 @@ def test_sft_dataset_skips_unusable_chats(tmp_path, tokenizer, capsys):
     assert path in err and re.search(r"\b5\b", err.replace(path, ""))
 
 
+# ---------------------------------------------------------------- the index cache beside the data
+
+def count_index_builds(monkeypatch):
+    """Count how often dataset.py indexes a file line by line (rather than reading its cached index)."""
+    calls, build = [], jsonl.build_index
+
+    def counted(*args):
+        calls.append(args)
+        return build(*args)
+    monkeypatch.setattr(jsonl, "build_index", counted)
+    return calls
+
+
+def test_a_second_start_reads_the_cached_index(tmp_path, tokenizer, monkeypatch, capsys):
+    path = write_jsonl(tmp_path / "sft.jsonl", [CHATS[0], "not json", CHATS[1], CHATS[2]])
+    builds = count_index_builds(monkeypatch)
+    first = SFTDataset(path, tokenizer, max_length=96)
+    assert len(builds) == 1 and os.path.isfile(jsonl.index_path(path))
+    assert "skipped 1 unusable line(s); first at line 2" in capsys.readouterr().err
+
+    monkeypatch.setattr(jsonl, "iter_jsonl", lambda *a: pytest.fail("the file was parsed again"))
+    second = SFTDataset(path, tokenizer, max_length=96)
+    assert len(builds) == 1
+    assert second.offsets.tolist() == first.offsets.tolist() and len(second) == 3
+    for i in range(3):
+        assert all(torch.equal(a, b) for a, b in zip(first[i], second[i]))
+    # the skipped line is reported at every start, cached or not
+    err = capsys.readouterr().err
+    assert path in err and "skipped 1 unusable line(s); first at line 2" in err
+    assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
+
+
+@pytest.mark.parametrize("change", ["append", "same size, new mtime"])
+def test_a_changed_file_rebuilds_its_index(tmp_path, tokenizer, monkeypatch, change):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": "今天天气很好。"}, {"text": "你好。"}])
+    builds = count_index_builds(monkeypatch)
+    assert len(PretrainDataset(path, tokenizer, max_length=32)) == 2
+    stat = os.stat(path)
+    if change == "append":
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"text": "我喜欢读书。"}, ensure_ascii=False) + "\n")
+        expected = ["今天天气很好。", "你好。", "我喜欢读书。"]
+    else:  # rewritten in place: same length, another text in it
+        write_jsonl(path, [{"text": "今天天气很好。"}, {"text": "再见。"}])
+        assert os.path.getsize(path) == stat.st_size
+        expected = ["今天天气很好。", "再见。"]
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a new mtime even on a coarse clock
+    ds = PretrainDataset(path, tokenizer, max_length=32)
+    assert len(builds) == 2 and len(ds) == len(expected)
+    for i, text in enumerate(expected):
+        X, _, mask = ds[i]
+        assert tokenizer.decode(X[1:int(mask.sum())].tolist()) == text
+    PretrainDataset(path, tokenizer, max_length=32)
+    assert len(builds) == 2  # the rebuilt index is cached in turn
+
+
+def test_a_file_truncated_after_a_cached_start_is_still_named_with_its_line(tmp_path, tokenizer, monkeypatch):
+    texts = [f"{s} {i}" for i, s in enumerate(SENTENCES)]
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": t} for t in texts])
+    PretrainDataset(path, tokenizer, max_length=32)
+    builds = count_index_builds(monkeypatch)
+    ds = PretrainDataset(path, tokenizer, max_length=32)  # from the cached index
+    assert len(builds) == 0
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2 + 3)  # mid-line
+    with pytest.raises(DataChangedError, match=re.escape(path) + r": line \d+ cannot be read: the file changed"):
+        for i in range(len(ds)):
+            ds[i]
+    # the next start sees another size: it indexes the file again and keeps only the whole lines
+    assert 0 < len(PretrainDataset(path, tokenizer, max_length=32)) < len(texts) and len(builds) == 1
+
+
+def test_a_read_only_data_directory_still_works(tmp_path, tokenizer, monkeypatch, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    path = write_jsonl(data / "sft.jsonl", [CHATS[0], CHATS[1]])
+    data.chmod(0o555)
+    try:
+        if os.access(data, os.W_OK):  # root writes anyway: make the write fail as a read-only directory would
+            def read_only(*args, **kwargs):
+                raise PermissionError(errno.EACCES, "Permission denied")
+            monkeypatch.setattr(jsonl.tempfile, "mkstemp", read_only)
+        builds = count_index_builds(monkeypatch)
+        for start in (1, 2):
+            ds = SFTDataset(path, tokenizer, max_length=96)
+            assert len(ds) == 2 and ds[1][0].tolist()[:10] == expected_token_mask(tokenizer, CHATS[1])[0][:10]
+            warnings = [line for line in capsys.readouterr().err.splitlines() if "index" in line]
+            assert len(warnings) == 1 and jsonl.index_path(path) in warnings[0], warnings
+            assert len(builds) == start  # indexed in memory at every start
+        assert sorted(os.listdir(data)) == ["sft.jsonl"]
+    finally:
+        data.chmod(0o755)
+
+
+def test_a_failed_or_torn_index_write_is_never_read(tmp_path, tokenizer, monkeypatch, capsys):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": "今天天气很好。"}, {"text": "你好。"}])
+    cache = jsonl.index_path(path)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with monkeypatch.context() as m:
+        m.setattr(jsonl.np, "savez", disk_full)
+        assert len(PretrainDataset(path, tokenizer, max_length=32)) == 2
+    assert sorted(os.listdir(tmp_path)) == ["p.jsonl"]  # no index, no temporary file left behind
+    assert "No space left on device" in capsys.readouterr().err
+    # an index cut short (e.g. copied half-way) is rebuilt, not read
+    PretrainDataset(path, tokenizer, max_length=32)
+    with open(cache, "r+b") as f:
+        f.truncate(os.path.getsize(cache) // 2)
+    builds = count_index_builds(monkeypatch)
+    assert len(PretrainDataset(path, tokenizer, max_length=32)) == 2 and len(builds) == 1
+    assert len(PretrainDataset(path, tokenizer, max_length=32)) == 2 and len(builds) == 1
+
+
 # ---------------------------------------------------------------- bad input
 
 def test_dataset_skips_bad_lines_with_one_warning(tmp_path, tokenizer, capsys):
@@ -504,3 +623,29 @@ def test_split_cjk_tokenizer_gives_one_token_per_chinese_character(tmp_path):
             gpt2.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
             for text in ["明月几时有，明月光。", "Hello world, 明月 hello!", *SENTENCES]:
                 assert gpt2.encode(text).ids == ids(tok, text), text
+
+
+# ---------------------------------------------------------------- pretokenize: the token file
+
+# texts where a tokenizer's normalizer, special tokens or whitespace handling could tell two encoders apart
+TRICKY = ["e\u0301t\u00e9 \u212b \uff11\uff19\uff19\uff18\u5e74", "\u4f60\u597d<|im_end|>\u4e16\u754c<s></s>",
+          "  two  spaces\tand a tab\r\nCRLF inside 😀 café", "x" * 3000 + "\u4e2d\u6587" * 700, "\n\n  x  \n"]
+
+
+@pytest.mark.parametrize("split_cjk", [False, True])
+def test_pretokenize_writes_the_tokenizers_own_ids(tokenizer_dir, tmp_path, split_cjk):
+    """The token file is <s> ids </s> per document, each with exactly the ids tokenizer(text) gives."""
+    from pretokenize import pretokenize
+    from train_tokenizer import load_tokenizer, train_tokenizer
+    if split_cjk:
+        corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": s} for s in SENTENCES * 20])
+        tokenizer_dir = str(tmp_path / "tokenizer_cjk")
+        train_tokenizer([corpus], tokenizer_dir, vocab_size=400, min_frequency=2, split_cjk=True)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    texts = (SENTENCES + TRICKY) * 150  # more than one batch of LINES_PER_TASK, so the order across tasks counts
+    src = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in texts[:700]] + ["{broken", ""]
+                      + [{"text": t} for t in texts[700:]])
+    meta = pretokenize(src, tokenizer_dir, str(tmp_path / "docs.bin"), num_proc=2)
+    expected = [i for t in texts for i in [tokenizer.bos_token_id, *ids(tokenizer, t), tokenizer.eos_token_id]]
+    assert np.fromfile(tmp_path / "docs.bin", dtype=np.uint16).tolist() == expected
+    assert meta["n_docs"] == len(texts) and meta["n_tokens"] == len(expected)

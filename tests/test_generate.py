@@ -1,5 +1,7 @@
 """Inference: KV cache against the chapter's loop, ragged batches, sampling filters, stops,
-streaming decode, the chat prompt's context policy, and the interactive chat."""
+compiled decoding in batch buckets with one reused cache per bucket, NaN/inf logits stopped before
+sampling (and answered with a 500 by the server), streaming decode, the chat prompt's context
+policy, and the interactive chat."""
 import io
 import os
 import subprocess
@@ -8,9 +10,10 @@ import sys
 import pytest
 import torch
 
+import k_model
 from conftest import CODE
-from k_model import (ModelConfig, Transformer, apply_repetition_penalty, sample_next_token, top_k_filter,
-                     top_p_filter)
+from k_model import (ModelConfig, NonFiniteLogitsError, Transformer, apply_repetition_penalty, cast_for_inference,
+                     sample_next_token, top_k_filter, top_p_filter)
 
 
 def peaky_model(vocab_size=97, max_seq_len=64, seed=0):
@@ -128,17 +131,162 @@ def test_sampling_respects_the_filters():
     assert set(sample_next_token(logits, 0.0).tolist()) == {1}
 
 
+# ---------------------------------------------------------------- compiled decoding
+
+@pytest.fixture
+def compile_counter(monkeypatch):
+    """Compiled decoding through a backend that counts graphs and runs them as traced (no codegen:
+    inductor takes seconds per graph on CPU); the real default stays inductor."""
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()  # compiled entries live on decode_step's code, shared by every model
+    counter = CompileCounter()
+    monkeypatch.setattr(k_model, "DECODE_BACKEND", counter)
+    yield counter
+    torch._dynamo.reset()
+
+
+def random_batch(batch, seed):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 9, (batch,), generator=g).tolist()
+    return left_pad([torch.randint(5, 97, (n,), generator=g).tolist() for n in lengths])
+
+
+def test_ten_batch_sizes_decode_like_eager_in_five_compiled_graphs(compile_counter):
+    """Compiling every batch size anew died at the 9th (torch's recompile limit is 8, and
+    fullgraph=True raises there); padded to buckets 1, 2, 4, 8, 16 they need five graphs."""
+    model = peaky_model()
+    for batch in range(1, 11):
+        idx, mask = random_batch(batch, seed=batch)
+        eager = model.generate(idx, max_new_tokens=12, temperature=0.0, attention_mask=mask)
+        compiled = model.generate(idx, max_new_tokens=12, temperature=0.0, attention_mask=mask, compile_decode=True)
+        assert torch.equal(compiled, eager), f"batch {batch}"
+    assert compile_counter.frame_count == 5
+    assert sorted(model._static_kv_caches) == [1, 2, 4, 8, 16]
+
+
+def test_a_batch_over_the_largest_bucket_decodes_eagerly(compile_counter, monkeypatch):
+    monkeypatch.setattr(k_model, "DECODE_BUCKETS", (1, 2, 4))
+    model = peaky_model()
+    idx, mask = random_batch(5, seed=0)
+    compiled = model.generate(idx, max_new_tokens=8, temperature=0.0, attention_mask=mask, compile_decode=True)
+    assert torch.equal(compiled, model.generate(idx, max_new_tokens=8, temperature=0.0, attention_mask=mask))
+    assert compile_counter.frame_count == 0 and not getattr(model, "_static_kv_caches", None)
+
+
+def test_requests_reuse_their_bucket_cache_and_inherit_nothing(compile_counter):
+    model = peaky_model()
+    long_idx, long_mask = random_batch(3, seed=1)
+    long_idx, long_mask = torch.cat((long_idx, long_idx), 1), torch.cat((long_mask, long_mask), 1)
+    model.generate(long_idx, max_new_tokens=30, temperature=0.0, attention_mask=long_mask, compile_decode=True)
+    cache = model._static_kv_caches[4]
+    addresses = [t.data_ptr() for t in (cache.k, cache.v, cache.column, cache.positions, cache.key_mask)]
+    idx, mask = random_batch(4, seed=2)  # the same bucket, a shorter prompt: the first one's slots lie past it
+    alone = model.generate(idx, max_new_tokens=20, temperature=0.9, seed=5, attention_mask=mask)
+    second = model.generate(idx, max_new_tokens=20, temperature=0.9, seed=5, attention_mask=mask, compile_decode=True)
+    assert torch.equal(second, alone)
+    # what an overflowed request could leave behind: NaN keys and values, every slot visible, stray positions
+    with torch.inference_mode():  # the cache was made inside generate's inference mode
+        for t, junk in ((cache.k, float("nan")), (cache.v, float("nan")), (cache.key_mask, True),
+                        (cache.positions, 7), (cache.column, 5)):
+            t.fill_(junk)
+    cache.length, cache.decoding = 9, True
+    third = model.generate(idx, max_new_tokens=20, temperature=0.9, seed=5, attention_mask=mask, compile_decode=True)
+    assert torch.equal(third, alone)
+    assert model._static_kv_caches[4] is cache
+    assert [t.data_ptr() for t in (cache.k, cache.v, cache.column, cache.positions, cache.key_mask)] == addresses
+    assert compile_counter.frame_count == 1  # all three requests (batches 3 and 4) ran bucket 4's one graph
+
+
+def test_a_generation_that_loses_its_cache_to_another_says_so(compile_counter):
+    model = peaky_model()
+    idx, mask = random_batch(2, seed=3)
+    first = model.generate_stream(idx, max_new_tokens=10, temperature=0.0, attention_mask=mask, compile_decode=True)
+    next(first)
+    model.generate(idx, max_new_tokens=3, temperature=0.0, attention_mask=mask, compile_decode=True)  # same bucket
+    with pytest.raises(RuntimeError, match="one compiled generation at a time"):
+        next(first)
+
+
+# ---------------------------------------------------------------- NaN / inf logits
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_non_finite_logits_raise_a_clear_error_before_sampling(temperature):
+    logits = torch.tensor([[0.0, 1.0, 3.0], [0.0, float("nan"), 1.0]])
+    with pytest.raises(NonFiniteLogitsError, match="NaN or inf") as e:
+        sample_next_token(logits, temperature, top_k=2)
+    assert "float16" not in str(e.value)
+    with pytest.raises(NonFiniteLogitsError, match="--dtype bfloat16 or --dtype float32"):
+        sample_next_token(logits.half(), temperature)
+    with pytest.raises(NonFiniteLogitsError):
+        sample_next_token(torch.tensor([[0.0, float("inf"), 1.0]]), temperature)
+
+
+def fp16_model_with_a_poisoned_token(prompt):
+    """An fp16 model whose greedy first token has an inf embedding: the step that feeds it back
+    turns into NaN, as a float16 overflow would. Returns (model, that token)."""
+    model = cast_for_inference(peaky_model(), torch.float16)
+    model.output.weight = torch.nn.Parameter(model.output.weight.detach().clone())  # untie: logits stay finite
+    first = model.generate(prompt, max_new_tokens=1, temperature=0.0)[0, 0].item()
+    assert first not in prompt[0].tolist()
+    with torch.no_grad():
+        model.tok_embeddings.weight[first] = float("inf")
+    return model, first
+
+
+@pytest.mark.parametrize("compile_decode", [False, True])
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0, top_k=1, seed=0)])
+def test_generation_stops_with_the_clear_error_when_logits_turn_non_finite(compile_counter, compile_decode,
+                                                                            sampling):
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    model, first = fp16_model_with_a_poisoned_token(prompt)
+    for stop_id in (None, 96):  # with a stop token the check shares the sync of "all rows finished?"
+        stream = model.generate_stream(prompt, stop_id=stop_id, max_new_tokens=10, compile_decode=compile_decode,
+                                       **sampling)
+        assert next(stream).tolist() == [[first]]
+        with pytest.raises(NonFiniteLogitsError, match="float16.*--dtype bfloat16 or --dtype float32"):
+            next(stream)
+
+
+def test_a_finished_row_going_non_finite_does_not_stop_the_others():
+    model = peaky_model()
+    idx, mask = left_pad([[5, 6, 7], [40, 41, 42, 43]])
+    solo = [model.generate(idx[i:i + 1, -n:], max_new_tokens=6, temperature=0.0)[0].tolist()
+            for i, n in enumerate((3, 4))]
+    stop = solo[0][0]  # row 0 stops at once
+    assert stop not in solo[1]
+    model.output.weight = torch.nn.Parameter(model.output.weight.detach().clone())
+    with torch.no_grad():
+        model.tok_embeddings.weight[stop] = float("inf")  # ...and its stop token fed back is NaN from then on
+    out = model.generate(idx, stop_id=stop, max_new_tokens=6, temperature=0.0, attention_mask=mask)
+    assert out[1].tolist() == solo[1] and set(out[0].tolist()) == {stop}
+
+
 # ---------------------------------------------------------------- TextGenerator
 
 @pytest.fixture
-def generator(tokenizer, tokenizer_dir, tmp_path):
+def model_dir(tokenizer, tokenizer_dir, tmp_path):
     import shutil
-    from model_sample import TextGenerator
     model = peaky_model(vocab_size=len(tokenizer), max_seq_len=256)
     model.save_pretrained(str(tmp_path / "model"))
     for name in os.listdir(tokenizer_dir):
         shutil.copy(os.path.join(tokenizer_dir, name), tmp_path / "model")
-    return TextGenerator(str(tmp_path / "model"), device="cpu")
+    return str(tmp_path / "model")
+
+
+@pytest.fixture
+def generator(model_dir):
+    from model_sample import TextGenerator
+    return TextGenerator(model_dir, device="cpu")
+
+
+def test_the_dtype_option_sets_the_inference_precision(model_dir):
+    from model_sample import TextGenerator
+    assert TextGenerator(model_dir, device="cpu").model.dtype == torch.float32  # auto, on CPU
+    half = TextGenerator(model_dir, device="cpu", dtype="float16")  # what auto picks on a V100 or T4
+    assert half.model.dtype == torch.float16 and half.model.freqs_cos.dtype == torch.float32
+    assert half.chat("你好", max_new_tokens=4, temperature=0.0) is not None
+    with pytest.raises(ValueError, match="'float8' is not one of auto, float32, bfloat16, float16"):
+        TextGenerator(model_dir, device="cpu", dtype="float8")
 
 
 def test_stream_decoder_never_splits_a_character(tokenizer):
@@ -200,3 +348,28 @@ def test_chat_cli_driven_through_stdin(generator, tmp_path):
                             env=dict(os.environ, TRANSFORMERS_VERBOSITY="error"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("assistant> ") == 2
+
+
+def test_a_failed_generation_is_a_500_and_the_server_goes_on(model_dir):
+    """On CUDA, NaN reaching torch.multinomial used to end the CUDA context while /health still
+    answered; now the request gets the reason and the next one is served."""
+    import json
+    from fastapi.testclient import TestClient
+    from serve import create_app
+    app = create_app(model_dir, device="cpu")
+    client, model = TestClient(app), app.state.worker.generator.model
+    body = {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 8, "temperature": 0.8, "seed": 1}
+    before = client.post("/v1/chat/completions", json=body).json()["choices"]
+    norm = model.norm.weight.detach().clone()
+    with torch.no_grad():
+        model.norm.weight.fill_(float("inf"))  # every logit turns NaN
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 500 and r.json()["error"]["code"] == "generation_failed"
+    assert "NaN or inf" in r.json()["error"]["message"]
+    streamed = client.post("/v1/chat/completions", json=dict(body, stream=True))
+    events = [line[len("data: "):] for line in streamed.text.split("\n\n") if line.startswith("data: ")]
+    assert "NaN or inf" in json.loads(events[-2])["error"]["message"] and events[-1] == "[DONE]"
+    with torch.no_grad():
+        model.norm.weight.copy_(norm)
+    assert client.post("/v1/chat/completions", json=body).json()["choices"] == before
+    assert client.get("/health").json()["waiting"] == 0
