@@ -427,7 +427,9 @@ def mean_stats(stats: dict, ctx: Dist) -> dict:
     keys = sorted(set().union(*ctx.gather(sorted(stats)), {"loss_sum", "weight"}))
     sums = dict(zip(keys, ctx.all_reduce_sum([float(stats.get(k, 0.0)) for k in keys])))
     weight = max(sums.pop("weight", 0.0), 1.0)
-    return {"loss" if k == "loss_sum" else k: v / weight for k, v in sums.items()}
+    # a key with its own weight ("weight_KEY": what it was counted over, e.g. the answers a check applied to)
+    own = {k[len("weight_"):]: max(sums.pop(k), 1.0) for k in list(sums) if k.startswith("weight_")}
+    return {"loss" if k == "loss_sum" else k: v / own.get(k, weight) for k, v in sums.items()}
 
 
 @torch.no_grad()

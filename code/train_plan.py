@@ -300,6 +300,8 @@ def data_size(path: str, seq_len: int, tokenizer=None, batch_size: int = 1) -> d
             record = json.loads(raw)
             if isinstance(record, dict) and "prompt" in record:  # a DPO pair: planned as its chosen chat
                 record = record["prompt"] + [{"role": "assistant", "content": record["chosen"]}]
+            if isinstance(record, dict) and "messages" in record:  # a request to answer (RL): with its real poem
+                record = record["messages"] + [{"role": "assistant", "content": record.get("reference") or ""}]
             if isinstance(record, list) or record["text"]:
                 records.append(record)
         except (ValueError, KeyError, TypeError):

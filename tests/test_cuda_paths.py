@@ -280,39 +280,3 @@ def test_resume_restores_this_ranks_gpu_rng_only(monkeypatch):
     checkpoint.set_rng_state(dict(base, cuda=[torch.tensor([i]) for i in range(2)]))  # fewer GPUs now than device 3
     checkpoint.set_rng_state(dict(base, cuda=torch.tensor([7])))  # this rank's own, as saved now
     assert restored == [3, 7]
-
-
-DDP_GRADIENTS = """
-import json, sys
-sys.path.insert(0, {code!r})
-import ddp_pretrain
-train = ddp_pretrain.train
-
-def train_and_look_at_the_gradients(*args, **kwargs):
-    model = train(*args, **kwargs)
-    grads = [p.grad for p in model.parameters()]
-    storages = {{g.untyped_storage().data_ptr() for g in grads if g is not None}}
-    with open({out!r} + __import__("os").environ["RANK"], "w") as f:
-        json.dump({{"params": len(grads), "none": sum(g is None for g in grads), "storages": len(storages)}}, f)
-    return model
-
-ddp_pretrain.train = train_and_look_at_the_gradients
-ddp_pretrain.main(sys.argv[1:])
-"""
-
-
-def test_ddp_gradients_stay_views_into_the_all_reduce_buckets(tokenizer_dir, data, tmp_path):
-    """gradient_as_bucket_view saves a copy of the gradients only while they are zeroed in place:
-    set to None, the next backward allocates them anew (the +4 bytes a parameter that --dry_run leaves out)."""
-    script = tmp_path / "look.py"
-    script.write_text(DDP_GRADIENTS.format(code=CODE, out=str(tmp_path / "grads_")))
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29561", str(script), *pretrain_argv(tokenizer_dir, data, tmp_path / "out", "--max_steps", "3",
-                                                               "--accumulation_steps", "2")],
-                         env=ENV, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-2000:]
-    for rank in "01":
-        seen = __import__("json").loads((tmp_path / f"grads_{rank}").read_text())
-        assert seen["none"] == 0  # after 3 steps of 2 micro-batches, every gradient is still there ...
-        assert seen["storages"] <= 2 < seen["params"]  # ... inside one or two buckets, not one tensor each
-    assert "broadcast_buffers" not in run.stderr  # torch 2.13's deprecation warning is not printed

@@ -79,6 +79,26 @@ def run_script(args, env_extra=None, timeout=240):
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+DDP_GRADIENTS = """
+import json, sys
+sys.path.insert(0, {code!r})
+import ddp_pretrain
+train = ddp_pretrain.train
+
+def train_and_look_at_the_gradients(*args, **kwargs):
+    model = train(*args, **kwargs)
+    grads = [p.grad for p in model.parameters()]
+    storages = {{g.untyped_storage().data_ptr() for g in grads if g is not None}}
+    with open({out!r} + __import__("os").environ["RANK"], "w") as f:
+        json.dump({{"params": len(grads), "none": sum(g is None for g in grads), "storages": len(storages)}}, f)
+    return model
+
+ddp_pretrain.train = train_and_look_at_the_gradients
+ddp_pretrain.main(sys.argv[1:])
+"""
+
+
+
 def test_torchrun_two_processes_equal_one_process_with_double_accumulation(tokenizer_dir, pretrain_data, tmp_path):
     """Each rank takes every other sample: 2 ranks x 2 micro-batches cover the same samples as
     1 rank x 4, and DDP's gradient average equals the single process's accumulation."""
@@ -88,12 +108,21 @@ def test_torchrun_two_processes_equal_one_process_with_double_accumulation(token
                          *pretrain_argv(tokenizer_dir, pretrain_data, tmp_path / "one", *common,
                                         "--accumulation_steps", "4")])
     assert single.returncode == 0, single.stderr[-2000:]
+    script = tmp_path / "look.py"  # ddp_pretrain.py, reporting the gradients after training
+    script.write_text(DDP_GRADIENTS.format(code=CODE, out=str(tmp_path / "grads_")))
     double = run_script([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                         "--master_port", "29517", os.path.join(CODE, "ddp_pretrain.py"),
+                         "--master_port", "29517", str(script),
                          *pretrain_argv(tokenizer_dir, pretrain_data, tmp_path / "two", *common,
                                         "--accumulation_steps", "2")])
     assert double.returncode == 0, double.stderr[-2000:]
     assert "2 process(es)" in double.stdout
+    assert "broadcast_buffers" not in double.stderr  # torch 2.13's deprecation warning is not printed
+    # gradient_as_bucket_view saves a copy of the gradients only while they are zeroed in place: set to
+    # None, the next backward allocates them anew (the +4 bytes a parameter that --dry_run leaves out)
+    for rank in "01":
+        seen = json.loads((tmp_path / f"grads_{rank}").read_text())
+        assert seen["none"] == 0  # after 4 steps of 2 micro-batches, every gradient is still there ...
+        assert seen["storages"] <= 2 < seen["params"]  # ... inside one or two buckets, not one tensor each
 
     one, two = read_metrics(tmp_path / "one", "loss"), read_metrics(tmp_path / "two", "loss")
     assert [s for s, _ in one] == [s for s, _ in two] == [1, 2, 3, 4]
