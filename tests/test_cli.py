@@ -13,7 +13,7 @@ from conftest import CODE
 
 SCRIPTS = ["train_tokenizer", "deal_dataset", "pretokenize", "ddp_pretrain", "ddp_sft", "model_sample",
            "export_model", "report", "bench_train", "bench_generate", "gpu_check", "serve", "eval_model", "poetry",
-           "ddp_dpo", "make_preferences", "checkpoint", "cuda_env"]
+           "ddp_dpo", "ddp_grpo", "make_preferences", "checkpoint", "cuda_env"]
 
 
 class Captured(Exception):

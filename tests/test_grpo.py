@@ -199,3 +199,10 @@ def test_the_reward_does_not_let_one_character_rhyme_with_itself():
     hack = "五言绝句《山行》\n古人无处处，一枝一枝飞。\n不是无人去，不知何处飞。"  # what a long run learned
     assert score_answer(hack, meta)["rhyme"] and not reward_checks(hack, meta)["rhyme"]
     assert reward_checks(POEM, meta) == score_answer(POEM, meta)  # 鸟 and 少: a real rhyme still counts
+
+
+def test_a_group_of_one_is_refused(capsys):
+    import ddp_grpo
+    with pytest.raises(SystemExit):
+        ddp_grpo.main(["--group_size", "1"])
+    assert "--group_size must be >= 2" in capsys.readouterr().err
