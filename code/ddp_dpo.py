@@ -26,9 +26,8 @@ import torch.nn.functional as F
 
 import ddp_sft
 from ddp_pretrain import run_training
-from harness import Dist, add_stats, build_parser, check_paths, load_tokenizer_or_none, parse_args, set_seed
+from harness import Dist, add_stats, build_parser, parse_args, set_seed, tokenizer_for_run
 from jsonl import JsonlError
-from train_tokenizer import load_tokenizer
 
 # ---- hyperparameters: edit here; a preset overrides these, CLI flags override both ----
 DEFAULTS = dict(
@@ -98,11 +97,7 @@ def main(argv=None):
     args = parse_args(argv, parser, DEFAULTS, PRESETS)
     if args.beta <= 0:
         parser.error("--beta must be > 0")
-    try:
-        check_paths(args)
-        tokenizer = load_tokenizer_or_none(args) if args.dry_run else load_tokenizer(args.tokenizer_path)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    tokenizer = tokenizer_for_run(args)
     from dataset import PreferenceDataset
     if args.dry_run:  # planned as SFT on one chat a pair: DPO's second row a pair and its reference come on top
         return ddp_sft.plan(args, tokenizer)

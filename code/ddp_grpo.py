@@ -28,6 +28,7 @@ Logged per step: reward, signal (share of groups whose rewards differ), the pass
 check among the answers it applies to (form, rhyme, keyword, ...), kl (the estimate above, per token), answer_tokens,
 stopped, and sample_s / train_s (seconds per micro-batch sampling vs everything else).
 """
+import argparse
 import sys
 import time
 
@@ -39,9 +40,9 @@ import ddp_sft
 from ddp_dpo import load_reference
 from ddp_pretrain import run_training
 from eval_model import MAX_NEW_TOKENS, answer_score, parse_answer_lines, read_eval_records, score_answer
-from harness import Dist, add_stats, build_parser, check_paths, load_tokenizer_or_none, parse_args, set_seed
+from harness import Dist, add_stats, build_parser, parse_args, set_seed, tokenizer_for_run
 from jsonl import JsonlError
-from train_tokenizer import load_tokenizer
+from k_model import IGNORE_INDEX
 
 # ---- hyperparameters: edit here; a preset overrides these, CLI flags override both ----
 DEFAULTS = dict(
@@ -118,7 +119,6 @@ def reward_checks(answer: str, meta: dict) -> dict:
 
 def token_logps(logits, targets):
     """log p of each target token (0 where the target is IGNORE_INDEX: prompt and padding)."""
-    from k_model import IGNORE_INDEX
     return -F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
 
 
@@ -189,7 +189,6 @@ class GRPOObjective:
 
     def batch(self, prompts, answers, device):
         """Prompt + answer per row, right-padded: inputs, targets (IGNORE_INDEX off the answer)."""
-        from k_model import IGNORE_INDEX
         rows = [p + a for p, a in zip(prompts, answers)]
         width = max(len(r) for r in rows) - 1
         pad = self.dataset.tokenizer.pad_token_id
@@ -209,7 +208,7 @@ class GRPOObjective:
         rewards, passed, asked = self.rewards(Y, answers, stopped)
         advantages = group_advantages(rewards, self.args.scale_rewards).view(-1).to(X.device)
         inputs, targets = self.batch(prompts, answers, X.device)
-        mask = (targets != -100).float()
+        mask = (targets != IGNORE_INDEX).float()
         logp = token_logps(model(inputs, targets).logits, targets)
         with torch.no_grad():
             reference_logp = token_logps(self.reference(inputs, targets).logits, targets)
@@ -230,7 +229,7 @@ def main(argv=None):
     parser.add_argument("--group_size", type=int, help=f"answers sampled per request (default: {DEFAULTS['group_size']})")
     parser.add_argument("--beta", type=float, help=f"weight of the KL penalty to the reference; 0 = none (default: {DEFAULTS['beta']})")
     parser.add_argument("--clip", type=float, help=f"clip range of the probability ratio (default: {DEFAULTS['clip']})")
-    parser.add_argument("--scale_rewards", action=__import__("argparse").BooleanOptionalAction,
+    parser.add_argument("--scale_rewards", action=argparse.BooleanOptionalAction,
                         help=f"divide each group's advantages by its reward std (default: {DEFAULTS['scale_rewards']})")
     parser.add_argument("--temperature", type=float, help=f"sampling temperature (default: {DEFAULTS['temperature']})")
     parser.add_argument("--max_new_tokens", type=int, help=f"answer length limit; longer answers score 0 "
@@ -240,11 +239,7 @@ def main(argv=None):
         parser.error("--group_size must be >= 2: the advantage compares an answer with its group")
     if args.beta < 0 or args.temperature <= 0:
         parser.error("--beta must be >= 0 and --temperature > 0")
-    try:
-        check_paths(args)
-        tokenizer = load_tokenizer_or_none(args) if args.dry_run else load_tokenizer(args.tokenizer_path)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    tokenizer = tokenizer_for_run(args)
     if args.dry_run:  # planned as SFT on one chat a request: the group's rows and the reference come on top
         return ddp_sft.plan(args, tokenizer)
     ctx = Dist(args.device)
@@ -258,7 +253,7 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     ctx.print(f"{len(train_set)} requests, {args.group_size} answers each, beta {args.beta}; the reference is a "
               f"frozen copy of {args.pretrained_path}")
-    objective = GRPOObjective(model.to(ctx.device), reference, train_set, args, ctx.rank)
+    objective = GRPOObjective(model, reference, train_set, args, ctx.rank)
     run_training(args, model, train_set, None, ctx, trim_batches=True, sample_mode="chat", objective=objective)
 
 

@@ -17,14 +17,13 @@ import time
 import torch
 
 # 训练循环外围的机制（进程、日志、检查点、断点续训、命令行）都在 harness.py 里
-from harness import (Dist, Run, TrainingError, autocast, build_parser, check_compatible, check_out_dir, check_paths,
-                     compile_by_default, dry_run, format_eta, lm_loss, load_tokenizer_or_none, make_loader, make_optimizer,
+from harness import (Dist, Run, TrainingError, autocast, build_parser, check_compatible, check_out_dir,
+                     compile_by_default, dry_run, format_eta, lm_loss, make_loader, make_optimizer,
                      model_config, parse_args, pretrain_dataset, read_tokenizer_files, resolve_dtype, resume_state,
-                     save_model, set_seed, wrap_ddp)
+                     save_model, set_seed, tokenizer_for_run, wrap_ddp)
 from jsonl import JsonlError
 from pretokenize import tokenizer_fingerprint
 from train_plan import plan_from_args, summary_line
-from train_tokenizer import load_tokenizer
 
 # ---- 超参数：在这里修改。一次运行的设置先取 DEFAULTS，再用所选 --preset 覆盖，最后命令行参数覆盖两者：
 # 用 --preset demo 时，要改该预设设定的值就改 PRESETS["demo"]（或传命令行参数）；改 DEFAULTS 只影响预设没设的项。
@@ -218,12 +217,8 @@ def train(args, model, train_set, val_set, ctx: Dist, trim_batches=False, object
 def main(argv=None):
     """预训练入口：解析参数，加载分词器，构建数据集（PretrainDataset 或打包的 PackedDataset）和模型，然后训练。"""
     args = parse_args(argv, build_parser(__doc__, DEFAULTS, PRESETS), DEFAULTS, PRESETS)  # DEFAULTS < 预设 < 命令行
-    try:
-        check_paths(args)  # 在建进程组和模型之前，先确认数据文件存在
-        # --dry_run 只估算规模，没有分词器也行
-        tokenizer = load_tokenizer_or_none(args) if args.dry_run else load_tokenizer(args.tokenizer_path)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    # 在建进程组和模型之前，先确认数据文件存在，再加载分词器（--dry_run 只估算规模，没有分词器也行）
+    tokenizer = tokenizer_for_run(args)
     try:
         config = model_config(args, tokenizer)  # ModelConfig（5.4.1）：尺寸来自预设和参数，词表大小来自分词器
     except ValueError as e:  # 彼此不相容的尺寸，例如 --dim 100 配 8 个头

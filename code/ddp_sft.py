@@ -13,9 +13,8 @@ import sys
 
 import ddp_pretrain
 from ddp_pretrain import run_training
-from harness import MODEL_FIELDS, Dist, build_parser, check_paths, dry_run, load_tokenizer_or_none, model_config, parse_args, set_seed
+from harness import MODEL_FIELDS, Dist, build_parser, dry_run, model_config, parse_args, set_seed, tokenizer_for_run
 from jsonl import JsonlError
-from train_tokenizer import load_tokenizer
 
 # ---- 超参数：在这里修改；预设（--preset）会覆盖这些值，命令行参数又覆盖两者 ----
 # 优先级：DEFAULTS < 预设 < 命令行参数。用了 --preset demo 时，demo 预设里出现的键（learning_rate、
@@ -124,12 +123,7 @@ def main(argv=None):
                         help=f"pack each batch's chats into as few rows as fit (dataset.pack_chats) instead of "
                              f"padding each (default: {DEFAULTS['pack_chats']})")
     args = parse_args(argv, parser, DEFAULTS, PRESETS)  # 在这里叠加：DEFAULTS < 预设 < 命令行参数
-    try:
-        check_paths(args)
-        # --dry_run 只估算规模，没有分词器也行
-        tokenizer = load_tokenizer_or_none(args) if args.dry_run else load_tokenizer(args.tokenizer_path)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    tokenizer = tokenizer_for_run(args)  # 先确认数据文件存在，再加载分词器（--dry_run 没有分词器也行）
 
     from dataset import SFTDataset
     if args.dry_run:

@@ -755,6 +755,16 @@ def check_paths(args):
             raise FileNotFoundError(f"{path}: file not found (--{name})")
 
 
+def tokenizer_for_run(args):
+    """The checks every trainer's main starts with: the data files exist, then the tokenizer (a dry run
+    may come before it). A problem ends the script with one line naming the path."""
+    try:
+        check_paths(args)
+        return load_tokenizer_or_none(args) if args.dry_run else load_tokenizer(args.tokenizer_path)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
 def load_tokenizer_or_none(args):
     """A dry run may come before the tokenizer: then the model is planned with the chapter's 6144."""
     try:
