@@ -117,6 +117,48 @@ def test_only_answer_tokens_are_trained(tokenizer, requests_file):
         assert inputs[row, :first + 1].tolist() == prompts[row]  # each answer token follows its whole prefix
 
 
+def sft_chats_file(tmp_path):
+    chats = [[SYSTEM, {"role": "user", "content": "写一首五言绝句，题目是《春晓》。"}, {"role": "assistant", "content": POEM}],
+             [SYSTEM, {"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好，很高兴见到你。"}]] * 3
+    return write_jsonl(tmp_path / "sft.jsonl", chats)
+
+
+def test_sft_coef_adds_the_sft_loss_of_sft_chats_to_the_same_answers_loss(tokenizer, requests_file, tmp_path, monkeypatch):
+    from ddp_grpo import GRPOObjective
+    from k_model import IGNORE_INDEX
+    policy = tiny_policy(tokenizer)
+    plain, dataset = objective_for(tokenizer, requests_file, policy, beta=0.0)
+    with_sft, _ = objective_for(tokenizer, requests_file, policy, beta=0.0, sft_coef=0.5, sft_rows=3,
+                                sft_data=sft_chats_file(tmp_path))
+    drawn = []
+    original = GRPOObjective.sft_rows
+    monkeypatch.setattr(GRPOObjective, "sft_rows", lambda self: drawn.append(original(self)) or drawn[-1])
+    X, Y, _ = dataset.collate([dataset[i] for i in range(2)])
+    stats = {}
+    loss = with_sft(policy, X, Y, stats)  # samples the same answers as `plain` (same seed, first call)
+    assert len(drawn[0]) == 3
+    nats, count = 0.0, 0
+    for x, y in drawn[0]:
+        trained = y[y != IGNORE_INDEX].tolist()
+        assert tokenizer.decode(trained).endswith("<|im_end|>") and "写一首" not in tokenizer.decode(trained)  # the answer only
+        logits = policy(x[None], y[None]).logits[0]
+        nats += torch.nn.functional.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum").item()
+        count += len(trained)
+    assert loss.item() == pytest.approx(plain(policy, X, Y, {}).item() + 0.5 * nats / count, rel=1e-4, abs=1e-5)
+    assert (stats["sft"] / stats["weight"]).item() == pytest.approx(nats / count, rel=1e-4)
+
+
+def test_sft_coef_names_a_missing_chat_file(tokenizer, tokenizer_dir, requests_file, tmp_path):
+    import ddp_grpo
+    model_dir = str(tmp_path / "sft")
+    tiny_policy(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    with pytest.raises(SystemExit) as exit_info:
+        ddp_grpo.main(["--data_path", requests_file, "--tokenizer_path", tokenizer_dir, "--device", "cpu",
+                       "--pretrained_path", model_dir, "--sft_coef", "1", "--sft_data", str(tmp_path / "nope.jsonl")])
+    assert str(exit_info.value).startswith("error: ") and "nope.jsonl" in str(exit_info.value)
+
+
 def test_stops_are_read_from_the_generated_rows():
     from ddp_grpo import answers_and_stops
     stop = 9
