@@ -366,9 +366,11 @@ class Transformer(PreTrainedModel):
         self.output = value
 
     def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                kv_cache: Optional["KVCache"] = None, attention_mask: Optional[torch.Tensor] = None, **kwargs):
+                kv_cache: Optional["KVCache"] = None, attention_mask: Optional[torch.Tensor] = None,
+                all_logits: bool = False, **kwargs):
         """给出 `targets` 时返回每个位置的 logits 和平均损失（跳过 IGNORE_INDEX 的位置）；否则只返回
-        最后一个位置的 logits（生成时更省）。
+        最后一个位置的 logits（生成时更省）。all_logits=True：返回每个位置的 logits、不算损失
+        （DPO、GRPO 自己逐 token 打分，用不着这个平均损失）。
 
         生成时会传入 KVCache（此时 tokens 是 kv_cache.length 之后的那些 token）和
         attention_mask (batch, kv_cache.length + seq)，它在左填充处为 0。
@@ -396,10 +398,10 @@ class Transformer(PreTrainedModel):
             kv_cache.length += seqlen  # 所有层都写完同一段位置后，缓存长度才前移
         h = self.norm(h)  # 最后的 RMSNorm
 
-        if targets is not None:
+        if targets is not None or all_logits:
             # 训练：算出所有位置的 logits 和损失
             logits = self.output(h)
-            loss = masked_cross_entropy(logits, targets)
+            loss = masked_cross_entropy(logits, targets) if targets is not None else None
         else:
             # 推理：只算最后一个位置的 logits，省下 (seq, vocab) 的大矩阵
             logits = self.output(h[:, [-1], :])

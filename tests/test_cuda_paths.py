@@ -174,7 +174,9 @@ def two_nodes(tokenizer_dir, data, out_dirs, port, *extra):
     return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
 
 
-def test_multi_node_resume_without_shared_storage_stops_every_node_at_once(tokenizer_dir, data, tmp_path):
+def test_multi_node_resume_needs_the_checkpoint_on_every_node(tokenizer_dir, data, tmp_path):
+    """Without shared storage, every node stops at once, naming the file; copied to every node, it resumes."""
+    import shutil
     node0, node1 = tmp_path / "node0", tmp_path / "node1"
     first = two_nodes(tokenizer_dir, data, [node0, node1], 29561)
     assert all(code == 0 for code, _, _ in first), [err[-1500:] for _, _, err in first]
@@ -187,15 +189,9 @@ def test_multi_node_resume_without_shared_storage_stops_every_node_at_once(token
     assert "cannot read the checkpoint that rank 0 resumes from" in errors
     assert "step_00000004.pt" in errors and "on storage every node shares" in errors
 
-
-def test_multi_node_resume_with_the_checkpoint_copied_to_every_node(tokenizer_dir, data, tmp_path):
-    import shutil
-    node0, node1 = tmp_path / "node0", tmp_path / "node1"
-    two_nodes(tokenizer_dir, data, [node0, node1], 29563)
-    saved = node0 if (node0 / "checkpoints").is_dir() else node1
-    other = node1 if saved == node0 else node0
-    shutil.copytree(saved / "checkpoints", other / "checkpoints")
-    results = two_nodes(tokenizer_dir, data, [node0, node1], 29564, "--resume", "auto", "--max_steps", "10")
+    other = node1 if saved[0] == node0 else node0
+    shutil.copytree(saved[0] / "checkpoints", other / "checkpoints", dirs_exist_ok=True)
+    results = two_nodes(tokenizer_dir, data, [node0, node1], 29563, "--resume", "auto", "--max_steps", "10")
     assert all(code == 0 for code, _, _ in results), [err[-1500:] for _, _, err in results]
     outs = "".join(out for _, out, _ in results)
     assert "resumed from" in outs and "step 10/10" in outs, "".join(err[-1500:] for _, _, err in results)

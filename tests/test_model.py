@@ -195,6 +195,15 @@ def test_forward_without_targets_returns_last_position_only():
     torch.testing.assert_close(out.logits[:, 0], full[:, -1])
 
 
+def test_forward_all_logits_returns_every_position_without_a_loss():
+    model = make_model(small_config())
+    tokens = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        out = model(tokens, all_logits=True)
+    assert out.loss is None and out.logits.shape == (2, 9, 97)
+    torch.testing.assert_close(out.logits, full_logits(model, tokens), rtol=0, atol=0)
+
+
 def test_forward_rejects_sequence_longer_than_max_seq_len():
     model = make_model(small_config(max_seq_len=16))
     with pytest.raises(ValueError, match="max_seq_len"):
