@@ -230,3 +230,35 @@ def test_script_error_is_one_line_without_traceback(tmp_path):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_repeat_unlikelihood_penalises_the_previous_token_where_the_answer_does_not_repeat_it():
+    from ddp_sft import repeat_unlikelihood
+    from k_model import IGNORE_INDEX
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 7)
+    X = torch.tensor([[1, 2, 2, 3], [4, 4, 5, 6]])
+    Y = torch.tensor([[2, 2, 3, IGNORE_INDEX], [IGNORE_INDEX, 5, 5, 1]])
+    p = logits.softmax(-1)
+    # kept: answer positions whose next token is not the current one; (0, 1) and (1, 2) repeat (青青), (0, 3) and (1, 0) are ignored
+    kept = [(0, 0), (0, 2), (1, 1), (1, 3)]
+    expected = sum(-torch.log(1 - p[i, j, X[i, j]]) for i, j in kept) / len(kept)
+    assert repeat_unlikelihood(logits, X, Y).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert repeat_unlikelihood(logits, X, torch.full_like(Y, IGNORE_INDEX)).item() == 0
+
+
+def test_sft_objective_adds_the_weighted_unlikelihood_and_logs_the_cross_entropy():
+    from ddp_sft import repeat_unlikelihood, sft_objective
+    from harness import lm_loss
+    from k_model import ModelConfig, Transformer
+    assert sft_objective(0.0) is lm_loss  # weight 0: exactly the chapter's loss
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=50, max_seq_len=16))
+    X = torch.randint(0, 50, (2, 8))
+    Y = torch.roll(X, -1, dims=1)
+    stats = {}
+    loss = sft_objective(2.0)(model, X, Y, stats)
+    out = model(X, Y)
+    assert loss.item() == pytest.approx((out.loss + 2.0 * repeat_unlikelihood(out.logits, X, Y)).item(), rel=1e-5)
+    assert (stats["loss_sum"] / stats["weight"]).item() == pytest.approx(out.loss.item(), rel=1e-5)
+    assert stats["unlikelihood"].item() > 0
