@@ -17,8 +17,8 @@ import ddp_pretrain
 from ddp_pretrain import run_training
 from harness import (MODEL_FIELDS, Dist, add_stats, build_parser, dry_run, lm_loss, model_config, parse_args, set_seed,
                      tokenizer_for_run)
-from k_model import IGNORE_INDEX
 from jsonl import JsonlError
+from k_model import IGNORE_INDEX
 
 # ---- 超参数：在这里修改；预设（--preset）会覆盖这些值，命令行参数又覆盖两者 ----
 # 优先级：DEFAULTS < 预设 < 命令行参数。用了 --preset demo 时，demo 预设里出现的键（learning_rate、
