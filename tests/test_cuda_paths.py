@@ -175,13 +175,26 @@ def two_nodes(tokenizer_dir, data, out_dirs, port, *extra):
 
 
 def test_multi_node_resume_needs_the_checkpoint_on_every_node(tokenizer_dir, data, tmp_path):
-    """Without shared storage, every node stops at once, naming the file; copied to every node, it resumes."""
+    """torchrun --nnodes 2 --nproc_per_node 1: both ranks have local rank 0, so anything keyed on the
+    local rank (saving, logging, sharding) would show up: the run must equal one process with twice
+    the accumulation. Without shared storage, a resume stops every node at once, naming the file;
+    with the checkpoint copied to every node, it resumes."""
     import shutil
+    from test_training import read_metrics
     node0, node1 = tmp_path / "node0", tmp_path / "node1"
     first = two_nodes(tokenizer_dir, data, [node0, node1], 29561)
     assert all(code == 0 for code, _, _ in first), [err[-1500:] for _, _, err in first]
     saved = [n for n in (node0, node1) if (n / "checkpoints").is_dir()]
     assert len(saved) == 1  # rank 0 alone writes checkpoints, on its own node
+    assert [n for n in (node0, node1) if (n / "metrics.jsonl").exists()] == saved  # ... and logs
+    single = subprocess.run([sys.executable, TRAIN, *pretrain_argv(tokenizer_dir, data, tmp_path / "one", "--max_steps", "8",
+                                                                   "--accumulation_steps", "2")],
+                            env=ENV, capture_output=True, text=True, timeout=240)
+    assert single.returncode == 0, single.stderr[-2000:]
+    one, two = read_metrics(tmp_path / "one", "loss"), read_metrics(saved[0], "loss")
+    assert [s for s, _ in one] == [s for s, _ in two] == list(range(1, 9))
+    for (_, a), (_, b) in zip(one, two):
+        assert a == pytest.approx(b, rel=1e-4)
     # resume: the node without the checkpoint must not leave rank 0 waiting for the collective timeout
     results = two_nodes(tokenizer_dir, data, [node0, node1], 29562, "--resume", "auto", "--max_steps", "10")
     assert all(code != 0 for code, _, _ in results)

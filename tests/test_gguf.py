@@ -195,11 +195,15 @@ def run(*args):
                           text=True, timeout=120)
 
 
-def test_bad_outtype_and_missing_checkpoint_stop_with_one_line(tmp_path):
-    done = run("--gguf", str(tmp_path / "x.gguf"), "--outtype", "q4_0")
-    assert done.returncode == 2 and "invalid choice: 'q4_0'" in done.stderr and "q8_0" in done.stderr
+def test_bad_outtype_and_missing_checkpoint_stop_with_one_line(tmp_path, capsys):
+    import export_model  # in this process: the same exits as from the command line, without two interpreter starts
+    with pytest.raises(SystemExit) as exit_:
+        export_model.main(["--gguf", str(tmp_path / "x.gguf"), "--outtype", "q4_0"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "invalid choice: 'q4_0'" in err and "q8_0" in err
     missing = str(tmp_path / "no_such_model")
-    done = run("--checkpoint", missing, "--gguf", str(tmp_path / "x.gguf"))
-    assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert done.stderr.strip().count("\n") == 0 and missing in done.stderr
+    with pytest.raises(SystemExit) as exit_:  # a SystemExit with a message: one line on stderr, status 1
+        export_model.main(["--checkpoint", missing, "--gguf", str(tmp_path / "x.gguf")])
+    message = str(exit_.value.code)
+    assert message.startswith("error:") and "\n" not in message.strip() and missing in message
     assert not (tmp_path / "x.gguf").exists()

@@ -1,17 +1,13 @@
 """Fast training data: the token file, packed windows, length-grouped SFT batches, the
 benchmark's smoke run, and a 2-node torchrun job on 127.0.0.1."""
 import argparse
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import CODE, SENTENCES, write_jsonl
-from test_training import pretrain_argv, read_metrics, run_script
+from conftest import SENTENCES, write_jsonl
 
 DOCS = [s * (i % 3 + 1) for i, s in enumerate(SENTENCES)]
 
@@ -141,29 +137,3 @@ def test_bench_smoke_prints_the_three_tables(tokenizer_dir, tmp_path, capsys):
     ratio_lines = [line for line in out.splitlines() if line.rstrip().endswith("x")]
     assert len(ratio_lines) >= 3 + 4  # three data paths, four model rows
     assert any(line.strip().endswith("%") and "float32" in line for line in out.splitlines())
-
-
-def test_two_nodes_on_localhost_equal_one_process(tokenizer_dir, token_file, tmp_path):
-    """torchrun --nnodes 2 --nproc_per_node 1: both ranks have local rank 0, so anything keyed
-    on the local rank (saving, logging, sharding) would show up here."""
-    path, _ = token_file
-    common = ["--batch_size", "1", "--max_steps", "3", "--max_seq_len", "16"]
-    single = run_script([sys.executable, os.path.join(CODE, "ddp_pretrain.py"),
-                         *pretrain_argv(tokenizer_dir, path, tmp_path / "one", *common, "--accumulation_steps", "4")])
-    assert single.returncode == 0, single.stderr[-2000:]
-    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="1")
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-                               "--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:29533", "--rdzv_id", "tinyk",
-                               os.path.join(CODE, "ddp_pretrain.py"),
-                               *pretrain_argv(tokenizer_dir, path, tmp_path / f"node{n}", *common,
-                                              "--accumulation_steps", "2")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for n in (0, 1)]
-    outputs = [node.communicate(timeout=240) for node in nodes]
-    assert all(node.returncode == 0 for node in nodes), [err[-2000:] for _, err in outputs]
-    written = [n for n in (0, 1) if (tmp_path / f"node{n}" / "model.safetensors").exists()]
-    assert len(written) == 1, "exactly one process (global rank 0) saves"
-    one = read_metrics(tmp_path / "one", "loss")
-    two = read_metrics(tmp_path / f"node{written[0]}", "loss")
-    assert [s for s, _ in one] == [s for s, _ in two] == [1, 2, 3]
-    for (_, a), (_, b) in zip(one, two):
-        assert a == pytest.approx(b, rel=1e-4)
