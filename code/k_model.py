@@ -399,7 +399,7 @@ class Transformer(PreTrainedModel):
         h = self.norm(h)  # 最后的 RMSNorm
 
         if targets is not None or all_logits:
-            # 训练：算出所有位置的 logits 和损失
+            # 训练（或 all_logits）：算出所有位置的 logits；给了 targets 才算损失
             logits = self.output(h)
             loss = masked_cross_entropy(logits, targets) if targets is not None else None
         else:
