@@ -159,6 +159,8 @@ def main(argv=None):
     parser.add_argument("--unlikelihood", type=float, help=f"weight of the unlikelihood loss on writing the previous "
                         f"token again (repeat_unlikelihood); 0 = the chapter's loss (default: {DEFAULTS['unlikelihood']})")
     args = parse_args(argv, parser, DEFAULTS, PRESETS)  # 在这里叠加：DEFAULTS < 预设 < 命令行参数
+    if args.unlikelihood < 0:  # 负的权重会奖励叠字
+        parser.error(f"--unlikelihood must be >= 0, got {args.unlikelihood}")
     tokenizer = tokenizer_for_run(args)  # 先确认数据文件存在，再加载分词器（--dry_run 没有分词器也行）
 
     from dataset import SFTDataset

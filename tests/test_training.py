@@ -262,3 +262,10 @@ def test_sft_objective_adds_the_weighted_unlikelihood_and_logs_the_cross_entropy
     assert loss.item() == pytest.approx((out.loss + 2.0 * repeat_unlikelihood(out.logits, X, Y)).item(), rel=1e-5)
     assert (stats["loss_sum"] / stats["weight"]).item() == pytest.approx(out.loss.item(), rel=1e-5)
     assert stats["unlikelihood"].item() > 0
+
+
+def test_sft_refuses_a_negative_unlikelihood_weight(capsys):
+    import ddp_sft
+    with pytest.raises(SystemExit) as exit_:
+        ddp_sft.main(["--unlikelihood", "-1"])
+    assert exit_.value.code == 2 and "--unlikelihood must be >= 0" in capsys.readouterr().err
