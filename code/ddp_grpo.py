@@ -7,8 +7,9 @@ checkers score them, and the model learns from its own best and worst attempts, 
 Each step takes --batch_size requests (training poems' requests, never the eval's) and samples
 --group_size answers to each from the current model. eval_model.score_answer checks every answer
 against its own request (form, rhyme, and the keyword, acrostic or first line asked for; the
-rhyme with different characters, see reward_checks); the reward is the share of checks passed,
-0 for an answer that never ends. Within a request's group:
+rhyme with different characters, see reward_checks; --max_char_uses adds one: no character used
+too often); the reward is the share of checks passed, 0 for an answer that never ends. The
+policy is the model at the sampling temperature T, p_policy = softmax(logits / T). Within a group:
 
     advantage  = reward - mean(group's rewards)          (/ std(group's rewards) with --scale_rewards)
     ratio      = p_policy(token) / p_sampling(token)     (1 here, but its gradient is d log p_policy)
@@ -26,8 +27,9 @@ requests, the gradients are averaged) with this loss in place of model(X, Y).los
 optimizer step per sampled batch (so the ratio is 1 and the clip never binds).
 
 Logged per step: reward, signal (share of groups whose rewards differ), the pass rate of each
-check among the answers it applies to (form, rhyme, keyword, ...), kl (the estimate above, per token), sft, answer_tokens,
-stopped, and sample_s / train_s (seconds per micro-batch sampling vs everything else).
+check among the answers it applies to (form, rhyme, keyword, ..., varied), kl (the estimate
+above, per token), sft, answer_tokens, stopped, and sample_s / train_s (seconds per micro-batch
+sampling vs everything else).
 """
 import argparse
 import sys
@@ -40,7 +42,7 @@ import ddp_sft
 from ddp_dpo import load_reference, token_logps
 from dataset import SFTDataset
 from ddp_pretrain import run_training
-from eval_model import MAX_NEW_TOKENS, answer_score, parse_answer_lines, read_eval_records, score_answer
+from eval_model import MAX_NEW_TOKENS, answer_score, most_uses, parse_answer_lines, read_eval_records, score_answer
 from harness import Dist, add_stats, build_parser, parse_args, set_seed, tokenizer_for_run
 from jsonl import JsonlError
 from k_model import IGNORE_INDEX
@@ -61,19 +63,22 @@ DEFAULTS = dict(
     beta=0.04,                          # KL to the reference; 0 = none
     clip=0.2,                           # PPO's clip range on the probability ratio
     scale_rewards=False,                # divide advantages by the group's reward std (GRPO's paper does)
-    temperature=1.0,                    # sampling from the policy itself: the gradient assumes it
+    temperature=1.0,                    # T: the answers are sampled from softmax(logits / T), the policy trained
     max_new_tokens=MAX_NEW_TOKENS,      # an answer still going after this many tokens scores 0
     sft_coef=0.0,                       # weight of the SFT loss on SFT chats kept on beside the reward; 0 = none
     sft_data="data/demo_sft.jsonl",     # those chats (ddp_sft.py's training file)
     sft_rows=8,                         # chats per micro-batch, in the same forward as the answers
+    max_char_uses=0,                    # > 0: one more check, no character of the poem used more often than this
 )
 PRESETS = {
-    # 120 steps of 8 requests x 8 answers (1.2 passes over the 800 requests): 8 minutes on 2 AVX2 cores.
-    # Measured on the demo SFT model (README): lr 5e-5 or 2e-4 for 100 steps moved little; at 1e-3,
-    # unscaled advantages or beta 0.1 moved little too; sft_coef 0 raised bits per character by 0.63
+    # 120 steps of 8 requests x 8 answers (1.2 passes over the 800 requests): 6-8 minutes on 2 AVX2 cores.
+    # Measured on the demo SFT model (README): temperature 0.7, the eval's, is what made rhyme move (at 1.0
+    # the groups spent their signal on form, which the eval at 0.7 already had); sft_coef 0 raised bits
+    # per character by 0.63; lr 5e-5 or 2e-4, unscaled advantages or beta 0.1 moved little
     "demo": dict(ddp_sft.PRESETS["demo"], data_path="data/demo_dpo_prompts.jsonl", val_data_path=None,
                  pack_chats=False, batch_size=8, learning_rate=1e-3, warmup_iters=10, epochs=1, max_steps=120,
-                 scale_rewards=True, beta=0.04, sft_coef=0.2, log_interval=10, eval_interval=1000, save_interval=50),
+                 scale_rewards=True, beta=0.04, temperature=0.7, sft_coef=0.1, log_interval=10, eval_interval=1000,
+                 save_interval=50),
 }
 CHECKS = ("form", "rhyme", "keyword", "acrostic", "first_line")
 
@@ -190,10 +195,14 @@ class GRPOObjective:
         """(requests, group) rewards, and each check's passes and applicable counts."""
         decode = self.dataset.tokenizer.decode
         g = self.args.group_size
-        rewards, passed, asked = [], dict.fromkeys(CHECKS, 0), dict.fromkeys(CHECKS, 0)
+        names = CHECKS + (("varied",) if self.args.max_char_uses else ())
+        rewards, passed, asked = [], dict.fromkeys(names, 0), dict.fromkeys(names, 0)
         for k, (answer, stops) in enumerate(zip(answers, stopped)):
             meta = self.dataset.records[int(Y[k // g])]["meta"]
-            checks = reward_checks(decode(answer, skip_special_tokens=True).strip(), meta)
+            text = decode(answer, skip_special_tokens=True).strip()
+            checks = reward_checks(text, meta)
+            if self.args.max_char_uses:
+                checks["varied"] = most_uses(text) <= self.args.max_char_uses
             rewards.append(answer_score(checks) if stops else 0.0)
             for name, ok in checks.items():
                 if ok is not None:
@@ -231,20 +240,21 @@ class GRPOObjective:
         n = len(answers)
         logits = model(inputs, all_logits=True).logits  # every position's, without the unused mean loss
         mask = (targets[:n] != IGNORE_INDEX).float()
-        logp_rows = token_logps(logits, targets)  # the answers' rows, then the SFT chats'
-        logp = logp_rows[:n]
+        # the policy is the model at the sampling temperature, softmax(logits / T): the answers came from it
+        T = self.args.temperature
+        logp = token_logps(logits[:n] / T, targets[:n])
         with torch.no_grad():
-            reference_logp = token_logps(self.reference(inputs[:n], all_logits=True).logits, targets[:n])
+            reference_logp = token_logps(self.reference(inputs[:n], all_logits=True).logits / T, targets[:n])
         loss, kl = grpo_loss(logp, logp.detach(), reference_logp, advantages, mask, self.args.clip, self.args.beta)
-        if self.chats is not None:  # SFT's loss on those rows: the mean over their answer tokens
-            sft_loss = -logp_rows[n:].sum() / (targets[n:] != IGNORE_INDEX).sum()
+        if self.chats is not None:  # SFT's loss on those rows (at T = 1): the mean over their answer tokens
+            sft_loss = -token_logps(logits[n:], targets[n:]).sum() / (targets[n:] != IGNORE_INDEX).sum()
             loss = loss + self.args.sft_coef * sft_loss
             add_stats(stats, sft=sft_loss.detach() * n)
         signal = (rewards.max(dim=1).values > rewards.min(dim=1).values).float().mean().item()
         add_stats(stats, loss_sum=loss.detach() * n, weight=n, reward=rewards.sum().item(), signal=signal * n,
                   kl=kl.sum(), answer_tokens=mask.sum().item(), stopped=float(sum(stopped)),
                   sample_s=sample_s * n, train_s=train_s * n,
-                  **passed, **{f"weight_{name}": asked[name] for name in CHECKS})
+                  **passed, **{f"weight_{name}": count for name, count in asked.items()})
         return loss
 
 
@@ -256,12 +266,15 @@ def main(argv=None):
     parser.add_argument("--clip", type=float, help=f"clip range of the probability ratio (default: {DEFAULTS['clip']})")
     parser.add_argument("--scale_rewards", action=argparse.BooleanOptionalAction,
                         help=f"divide each group's advantages by its reward std (default: {DEFAULTS['scale_rewards']})")
-    parser.add_argument("--temperature", type=float, help=f"sampling temperature (default: {DEFAULTS['temperature']})")
+    parser.add_argument("--temperature", type=float, help=f"sampling temperature T; the policy trained is "
+                        f"softmax(logits / T) (default: {DEFAULTS['temperature']})")
     parser.add_argument("--max_new_tokens", type=int, help=f"answer length limit; longer answers score 0 "
                         f"(default: {DEFAULTS['max_new_tokens']})")
     parser.add_argument("--sft_coef", type=float, help=f"weight of the SFT loss on --sft_data kept on beside the reward; "
                         f"0 = none (default: {DEFAULTS['sft_coef']})")
     parser.add_argument("--sft_data", help=f"SFT chats (jsonl) for --sft_coef (default: {DEFAULTS['sft_data']})")
+    parser.add_argument("--max_char_uses", type=int, help=f"> 0: the reward gets one more check, no character of the "
+                        f"poem used more often than this; 0 = none (default: {DEFAULTS['max_char_uses']})")
     parser.add_argument("--sft_rows", type=int, help=f"SFT chats per micro-batch (default: {DEFAULTS['sft_rows']})")
     args = parse_args(argv, parser, DEFAULTS, PRESETS)
     if args.group_size < 2:

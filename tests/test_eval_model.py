@@ -12,7 +12,7 @@ import torch
 import eval_model
 from eval_model import (acrostic_ok, answer_score, bits_per_char, bits_per_char_from_nats, check_form,
                         first_line_ok, generate_batch, keyword_ok, parse_answer_lines, random_lines, rhymes,
-                        answer_body, has_repeat, header_of, score_answer, summarize)
+                        answer_body, has_repeat, header_of, most_uses, score_answer, summarize)
 from k_model import ModelConfig, Transformer
 from model_sample import TextGenerator
 from poetry import eval_records, poem_text
@@ -134,6 +134,14 @@ def test_distinct_share_and_repeat_rate():
     assert not has_repeat(poem) and has_repeat("一子无无")
     assert not has_repeat("明月，月明")                # across lines is no repeat
     assert answer_body("五言绝句《甲》\n 床前 明月光") == "床前明月光"
+
+
+def test_reuse_rate_counts_answers_leaning_on_one_character():
+    records = [{"meta": {"form": "五言绝句", "title": "t", "keyword": None, "acrostic": None, "first_line": None},
+                "messages": [{"role": "user", "content": "写诗"}]}] * 2
+    formula = "五言绝句《不不》\n不是一千年，不知不可怜。"  # 不 three times in the poem; the header's do not count
+    assert most_uses(formula) == 3 and most_uses("五言绝句《不不不》\n床前明月光，疑是地上霜。") == 1
+    assert summarize([formula, "床前明月光，举头望明月。"], records)["reuse_rate"] == 0.5  # 明 and 月 twice: not a formula
 
 
 def test_random_lines_have_the_asked_shape_from_other_poems():

@@ -117,6 +117,27 @@ def test_only_answer_tokens_are_trained(tokenizer, requests_file):
         assert inputs[row, :first + 1].tolist() == prompts[row]  # each answer token follows its whole prefix
 
 
+def test_the_policy_is_the_model_at_the_sampling_temperature(tokenizer, requests_file, monkeypatch):
+    import ddp_grpo
+    from k_model import IGNORE_INDEX
+    policy = tiny_policy(tokenizer)
+    objective, dataset = objective_for(tokenizer, requests_file, policy, beta=0.0, temperature=0.5)
+    seen, original_loss, original_batch = {}, ddp_grpo.grpo_loss, objective.batch
+    monkeypatch.setattr(ddp_grpo, "grpo_loss", lambda logp, *rest: seen.update(logp=logp, reference=rest[1]) or original_loss(logp, *rest))
+    monkeypatch.setattr(objective, "batch", lambda *a, **k: seen.setdefault("batch", original_batch(*a, **k)))
+    X, Y, _ = dataset.collate([dataset[i] for i in range(2)])
+    objective(policy, X, Y, {})
+    inputs, targets = seen["batch"]
+    logits = policy(inputs, all_logits=True).logits
+    mask = targets != IGNORE_INDEX
+    picked = targets.clamp(min=0)[..., None]
+    at_half = torch.log_softmax(logits / 0.5, dim=-1).gather(-1, picked)[..., 0]
+    at_one = torch.log_softmax(logits, dim=-1).gather(-1, picked)[..., 0]
+    assert torch.allclose(seen["logp"][mask], at_half[mask], atol=1e-5)  # softmax(logits / T): what was sampled from
+    assert not torch.allclose(seen["logp"][mask], at_one[mask], atol=1e-3)
+    assert torch.allclose(seen["reference"][mask], at_half[mask], atol=1e-5)  # the reference at the same temperature
+
+
 def sft_chats_file(tmp_path):
     chats = [[SYSTEM, {"role": "user", "content": "写一首五言绝句，题目是《春晓》。"}, {"role": "assistant", "content": POEM}],
              [SYSTEM, {"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好，很高兴见到你。"}]] * 3
@@ -179,6 +200,18 @@ def test_rewards_are_the_requests_own_checks(tokenizer, requests_file):
     # keyword request: form, rhyme and 花; the last answer never stopped: 0
     assert rewards.tolist() == [[1.0, 0.0], [1.0, 0.0]]
     assert asked["keyword"] == 2 and passed["keyword"] == 1 and asked["form"] == 4 and passed["form"] == 2
+
+
+def test_max_char_uses_adds_a_check_against_leaning_on_one_character(tokenizer, requests_file):
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    formula = "五言绝句《春晓》\n不是一千年，不知不可怜。\n不知人不得，花落一千年。"  # 不 five times; form and rhyme pass
+    answers = [encode(POEM), encode(formula)]
+    Y = torch.tensor([0])
+    for limit, expected in ((0, [1.0, 1.0]), (2, [1.0, 2 / 3]), (5, [1.0, 1.0]), (4, [1.0, 2 / 3])):
+        objective, _ = objective_for(tokenizer, requests_file, tiny_policy(tokenizer), group_size=2, max_char_uses=limit)
+        rewards, passed, asked = objective.rewards(Y, answers, [True, True])
+        assert rewards[0].tolist() == pytest.approx(expected), limit
+        assert (asked.get("varied"), passed.get("varied")) == ((2, 2 - (expected[1] < 1)) if limit else (None, None))
 
 
 def fixed_sample(self, X, Y):
