@@ -249,7 +249,8 @@ def test_torchrun_on_two_ranks_equals_one_process_on_the_same_requests(tokenizer
         return ["--data_path", requests_file, "--tokenizer_path", tokenizer_dir, "--pretrained_path",
                 str(start), "--out_dir", str(out), "--batch_size", str(batch_size), "--group_size", "4",
                 "--learning_rate", "1e-3", "--warmup_iters", "1", "--max_steps", "3", "--log_interval", "1",
-                "--save_interval", "1000", "--beta", "0.1", "--device", "cpu", "--dtype", "float32", "--seed", "0"]
+                "--save_interval", "1000", "--beta", "0.1", "--temperature", "0.7", "--device", "cpu", "--dtype", "float32",
+                "--seed", "0"]
     import ddp_grpo
     monkeypatch.setattr(ddp_grpo.GRPOObjective, "sample", fixed_sample)
     ddp_grpo.main(argv(tmp_path / "one", 4))  # one process, 4 requests a step
