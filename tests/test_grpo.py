@@ -123,7 +123,8 @@ def test_the_policy_is_the_model_at_the_sampling_temperature(tokenizer, requests
     policy = tiny_policy(tokenizer)
     objective, dataset = objective_for(tokenizer, requests_file, policy, beta=0.0, temperature=0.5)
     seen, original_loss, original_batch = {}, ddp_grpo.grpo_loss, objective.batch
-    monkeypatch.setattr(ddp_grpo, "grpo_loss", lambda logp, *rest: seen.update(logp=logp, reference=rest[1]) or original_loss(logp, *rest))
+    monkeypatch.setattr(ddp_grpo, "grpo_loss",  # rest: sampling, reference, advantages, mask, clip, beta
+                        lambda logp, *rest: seen.update(logp=logp, reference=rest[1]) or original_loss(logp, *rest))
     monkeypatch.setattr(objective, "batch", lambda *a, **k: seen.setdefault("batch", original_batch(*a, **k)))
     X, Y, _ = dataset.collate([dataset[i] for i in range(2)])
     objective(policy, X, Y, {})
