@@ -116,13 +116,16 @@ def group_advantages(rewards: torch.Tensor, scale: bool) -> torch.Tensor:
     return advantages
 
 
-def reward_checks(answer: str, meta: dict) -> dict:
+def reward_checks(answer: str, meta: dict, max_char_uses: int = 0) -> dict:
     """eval_model.score_answer's checks, with the rhyme closed to one trick: the same character at
     the end of every even line "rhymes". The first long run here found it (飞 ending every line,
-    飞飞飞飞 inside them, bits per character +0.8); Tang poets did not reuse a rhyme character."""
+    飞飞飞飞 inside them, bits per character +0.8); Tang poets did not reuse a rhyme character.
+    max_char_uses > 0 adds "varied": no character of the poem used more often than that."""
     checks = score_answer(answer, meta)
     ends = [line[-1] for line in parse_answer_lines(answer)[1::2]]
     checks["rhyme"] = checks["rhyme"] and len(set(ends)) == len(ends)
+    if max_char_uses:
+        checks["varied"] = most_uses(answer) <= max_char_uses
     return checks
 
 
@@ -199,10 +202,7 @@ class GRPOObjective:
         rewards, passed, asked = [], dict.fromkeys(names, 0), dict.fromkeys(names, 0)
         for k, (answer, stops) in enumerate(zip(answers, stopped)):
             meta = self.dataset.records[int(Y[k // g])]["meta"]
-            text = decode(answer, skip_special_tokens=True).strip()
-            checks = reward_checks(text, meta)
-            if self.args.max_char_uses:
-                checks["varied"] = most_uses(text) <= self.args.max_char_uses
+            checks = reward_checks(decode(answer, skip_special_tokens=True).strip(), meta, self.args.max_char_uses)
             rewards.append(answer_score(checks) if stops else 0.0)
             for name, ok in checks.items():
                 if ok is not None:
